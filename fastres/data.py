@@ -1,0 +1,366 @@
+"""CIFAR-10 sources on disk, converted once into FFCV `.beton` files.
+
+A source is detected from `--data PATH`:
+- torchvision's `cifar-10-batches-py` folder (or a folder holding one), or nothing at all, in
+  which case the cached download is used, or torchvision downloads it into the cache;
+- an ImageFolder tree with `train/` and `test/` class folders, or a `.tar.gz` of such a tree;
+- a folder with ready `train.beton` and `test.beton`.
+
+Everything but ready betons is written to `<cache>/betons/<kind>-<identity>/` with atomic renames,
+and a cached pair is checked on open (sample count, image shape) and rebuilt if it is wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import tarfile
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_SHAPE = (32, 32, 3)
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
+                   "dog", "frog", "horse", "ship", "truck")
+CIFAR_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
+MANIFEST_VERSION = 1
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp")
+
+HOW_TO_POINT = (
+    "Point fastres at a local copy with --data PATH (or the FASTRES_DATA environment variable), "
+    "where PATH is one of: torchvision's cifar-10-batches-py folder; an ImageFolder tree with "
+    "train/ and test/ class folders; a .tar.gz of such a tree; a folder with train.beton and "
+    "test.beton.")
+
+
+class DataError(ValueError):
+    """A data source that cannot be used; the message says what was found and what was expected."""
+
+
+class DataUnavailable(DataError):
+    """No local copy was given and CIFAR-10 could not be downloaded."""
+
+
+@dataclass(frozen=True)
+class BetonPair:
+    train: Path
+    test: Path
+    kind: str
+    source: str
+    num_train: int
+    num_test: int
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("FASTRES_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastres"
+
+
+# ---------------------------------------------------------------------------- detection
+
+
+def _find_cifar_python(path: Path) -> Path | None:
+    for cand in (path, path / "cifar-10-batches-py"):
+        if cand.is_dir() and all((cand / b).is_file() for b in [*CIFAR_BATCHES, "test_batch"]):
+            return cand
+    return None
+
+
+def _is_imagefolder(path: Path) -> bool:
+    return all((path / split).is_dir() and any(p.is_dir() for p in (path / split).iterdir())
+               for split in ("train", "test"))
+
+
+def detect(path: Path) -> tuple[str, Path]:
+    """(kind, root) for a source path; DataError naming what was found otherwise."""
+    if not path.exists():
+        raise DataError(f"--data {path}: no such file or folder. {HOW_TO_POINT}")
+    if path.is_file():
+        if path.name.endswith((".tar.gz", ".tgz")):
+            return "tar", path
+        if path.suffix == ".beton":
+            raise DataError(f"--data {path} is a single .beton file; expected a folder holding "
+                            "both train.beton and test.beton")
+        raise DataError(f"--data {path} is a file of unknown kind ({path.suffix or 'no suffix'}); "
+                        f"expected a .tar.gz of an ImageFolder tree. {HOW_TO_POINT}")
+    if (path / "train.beton").is_file() and (path / "test.beton").is_file():
+        return "beton", path
+    found = _find_cifar_python(path)
+    if found is not None:
+        return "cifar-python", found
+    if _is_imagefolder(path):
+        return "imagefolder", path
+    entries = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
+    shown = ", ".join(entries[:12]) + (" ..." if len(entries) > 12 else "") or "nothing"
+    raise DataError(f"--data {path} is a folder holding {shown}; expected data_batch_1..5 and "
+                    "test_batch (cifar-10-batches-py), train/ and test/ class folders, or "
+                    f"train.beton and test.beton. {HOW_TO_POINT}")
+
+
+def identity(kind: str, root: Path) -> str:
+    """A key for the cache: content hash for archives and batch files, listing for trees."""
+    h = hashlib.sha256(f"v{MANIFEST_VERSION}:{kind}".encode())
+    if kind == "tar":
+        files = [root]
+    elif kind == "cifar-python":
+        files = [root / b for b in [*CIFAR_BATCHES, "test_batch"]]
+    else:
+        files = []
+        for split in ("train", "test"):
+            for p in sorted((root / split).rglob("*")):
+                if p.is_file():
+                    st = p.stat()
+                    h.update(f"{p.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    for f in files:
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):  # noqa: B023
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------- readers
+
+
+def _decode(data: bytes, name: str) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        img = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    except Exception as e:  # PIL raises many types for a bad file
+        raise DataError(f"cannot decode image {name}: {e}") from None
+    if img.shape != IMAGE_SHAPE:
+        raise DataError(f"image {name} is {img.shape[1]}x{img.shape[0]}; "
+                        f"CIFAR-10 images are 32x32 RGB")
+    return img
+
+
+def _stack(images: list[np.ndarray], labels: list[int], what: str) -> tuple[np.ndarray, np.ndarray]:
+    if not images:
+        raise DataError(f"{what} holds no images")
+    return np.stack(images), np.asarray(labels, dtype=np.int64)
+
+
+def read_cifar_python(root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """torchvision's pickled batches: rows of 3072 bytes, the R, G and B planes in turn."""
+    out = {}
+    for split, names in (("train", CIFAR_BATCHES), ("test", ["test_batch"])):
+        xs, ys = [], []
+        for name in names:
+            with open(root / name, "rb") as f:
+                try:
+                    batch = pickle.load(f, encoding="bytes")
+                    data = np.asarray(batch[b"data"], dtype=np.uint8)
+                    labels = batch[b"labels"]
+                except Exception as e:
+                    raise DataError(f"{root / name} is not a CIFAR-10 python batch: {e}") from None
+            if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
+                raise DataError(f"{root / name}: data shape {data.shape} with {len(labels)} "
+                                "labels; expected (n, 3072) and n labels")
+            xs.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+            ys.append(np.asarray(labels, dtype=np.int64))
+        out[split] = (np.ascontiguousarray(np.concatenate(xs)), np.concatenate(ys))
+    return out
+
+
+def _class_index(classes: list[str], where: str) -> dict[str, int]:
+    if not classes:
+        raise DataError(f"{where} has no class folders")
+    return {c: i for i, c in enumerate(sorted(classes))}
+
+
+def read_imagefolder(root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    classes = _class_index([p.name for p in (root / "train").iterdir() if p.is_dir()],
+                           str(root / "train"))
+    out = {}
+    for split in ("train", "test"):
+        images, labels = [], []
+        for cdir in sorted(p for p in (root / split).iterdir() if p.is_dir()):
+            if cdir.name not in classes:
+                raise DataError(f"{cdir} is a class folder that train/ does not have")
+            for f in sorted(cdir.iterdir()):
+                if f.suffix.lower() in IMAGE_SUFFIXES:
+                    images.append(_decode(f.read_bytes(), str(f)))
+                    labels.append(classes[cdir.name])
+        out[split] = _stack(images, labels, str(root / split))
+    return out
+
+
+def _tar_members(path: Path) -> Iterator[tuple[str, str, str, bytes]]:
+    """(split, class, name, bytes) for each image, allowing one leading folder in the archive."""
+    try:
+        with tarfile.open(path, "r:*") as tf:
+            for m in tf:
+                if not m.isfile():
+                    continue
+                parts = Path(m.name).parts
+                if len(parts) >= 4 and parts[-3] not in ("train", "test"):
+                    parts = parts[-3:]
+                if len(parts) != 3 or parts[0] not in ("train", "test"):
+                    continue
+                if Path(parts[2]).suffix.lower() not in IMAGE_SUFFIXES:
+                    continue
+                yield parts[0], parts[1], m.name, tf.extractfile(m).read()  # type: ignore[union-attr]
+    except tarfile.TarError as e:
+        raise DataError(f"{path} is not a readable tar archive: {e}") from None
+
+
+def read_tar(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    by_split: dict[str, list[tuple[str, str, np.ndarray]]] = {"train": [], "test": []}
+    for split, cls, name, data in _tar_members(path):
+        by_split[split].append((cls, name, _decode(data, f"{path}:{name}")))
+    if not by_split["train"] or not by_split["test"]:
+        raise DataError(f"{path} holds {len(by_split['train'])} train/ and "
+                        f"{len(by_split['test'])} test/ images; expected an ImageFolder tree "
+                        "train/<class>/*.jpg and test/<class>/*.jpg")
+    classes = _class_index(sorted({c for c, _, _ in by_split["train"]}), f"{path}:train/")
+    out = {}
+    for split, items in by_split.items():
+        items.sort(key=lambda t: (t[0], t[1]))  # the order an ImageFolder walk gives
+        unknown = {c for c, _, _ in items} - set(classes)
+        if unknown:
+            raise DataError(f"{path}: {split}/ has class folders train/ lacks: {sorted(unknown)}")
+        out[split] = _stack([im for _, _, im in items], [classes[c] for c, _, _ in items],
+                            f"{path}:{split}/")
+    return out
+
+
+# ---------------------------------------------------------------------------- betons
+
+
+class _ArrayDataset:
+    """What FFCV's DatasetWriter iterates: (HWC uint8 image, int label) per index."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        return self.images[i], int(self.labels[i])
+
+
+def write_beton(path: Path, images: np.ndarray, labels: np.ndarray, num_workers: int = 1) -> None:
+    """Write raw RGB images and integer labels; the file appears under `path` only when whole."""
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    if images.dtype != np.uint8 or images.shape[1:] != IMAGE_SHAPE:
+        raise DataError(f"images must be uint8 (n, 32, 32, 3), got {images.dtype} {images.shape}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        writer = DatasetWriter(str(tmp), {"image": RGBImageField(write_mode="raw"),
+                                          "label": IntField()}, num_workers=num_workers)
+        writer.from_indexed_dataset(_ArrayDataset(images, labels))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def check_beton(path: Path, count: int | None = None) -> int:
+    """Sample count of a beton whose images are all 32x32; DataError if it is not that."""
+    from ffcv.reader import Reader
+
+    try:
+        reader = Reader(str(path))
+        n = int(reader.num_samples)
+        meta = reader.metadata
+    except Exception as e:  # a truncated or foreign file fails in many ways inside FFCV
+        raise DataError(f"{path} is not a readable .beton: {e}") from None
+    names = meta.dtype.names or ()
+    if "f0" not in names:
+        raise DataError(f"{path} has no image field")
+    img = meta["f0"]
+    if not {"width", "height"} <= set(img.dtype.names or ()):
+        raise DataError(f"{path}: first field is not an RGB image field")
+    if n == 0 or not (np.all(img["width"] == 32) and np.all(img["height"] == 32)):
+        raise DataError(f"{path}: {n} samples, expected non-empty 32x32 images")
+    if count is not None and n != count:
+        raise DataError(f"{path} holds {n} samples, expected {count}")
+    return n
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def _cached_pair(folder: Path, kind: str, source: str) -> BetonPair | None:
+    manifest = folder / "manifest.json"
+    if not manifest.is_file():
+        return None
+    try:
+        m = json.loads(manifest.read_text())
+        n_train = check_beton(folder / "train.beton", m["num_train"])
+        n_test = check_beton(folder / "test.beton", m["num_test"])
+    except (DataError, KeyError, ValueError, OSError) as e:
+        warnings.warn(f"cached betons in {folder} are unusable ({e}); rebuilding", stacklevel=3)
+        return None
+    return BetonPair(folder / "train.beton", folder / "test.beton", kind, source, n_train, n_test)
+
+
+def _convert(kind: str, root: Path, folder: Path, log) -> BetonPair:
+    log(f"[data] converting {kind} source {root} into {folder} (once)")
+    reader = {"tar": read_tar, "cifar-python": read_cifar_python,
+              "imagefolder": read_imagefolder}[kind]
+    splits = reader(root)
+    for split, (x, y) in splits.items():
+        write_beton(folder / f"{split}.beton", x, y)
+    _write_json_atomic(folder / "manifest.json", {
+        "version": MANIFEST_VERSION, "kind": kind, "source": str(root),
+        "num_train": len(splits["train"][0]), "num_test": len(splits["test"][0]),
+        "num_classes": int(max(splits["train"][1].max(), splits["test"][1].max()) + 1),
+    })
+    pair = _cached_pair(folder, kind, str(root))
+    if pair is None:
+        raise DataError(f"betons written to {folder} fail their own check")
+    return pair
+
+
+def download_cifar10(cache: Path) -> Path:
+    """torchvision's download into the cache; DataUnavailable with directions if it fails."""
+    from torchvision.datasets import CIFAR10
+
+    root = cache / "download"
+    try:
+        CIFAR10(str(root), train=True, download=True)
+    except Exception as e:  # URLError, socket timeouts, HTTP errors, bad checksums
+        raise DataUnavailable(
+            f"CIFAR-10 is not in the cache ({root}) and could not be downloaded: "
+            f"{type(e).__name__}: {e}. {HOW_TO_POINT}") from None
+    return root / "cifar-10-batches-py"
+
+
+def prepare(data: str | os.PathLike | None = None, cache: str | os.PathLike | None = None,
+            download: bool = True, log=print) -> BetonPair:
+    """Betons for `data` (see the module docstring), converting and caching as needed."""
+    cache = Path(cache) if cache is not None else default_cache_dir()
+    if data is None:
+        data = os.environ.get("FASTRES_DATA") or None
+    if data is None:
+        local = _find_cifar_python(cache / "download")
+        if local is None:
+            if not download:
+                raise DataUnavailable(f"CIFAR-10 is not in the cache ({cache / 'download'}) and "
+                                      f"downloading is off. {HOW_TO_POINT}")
+            log("[data] no --data given: downloading CIFAR-10 with torchvision")
+            local = download_cifar10(cache)
+        data = local
+    kind, root = detect(Path(data).expanduser().resolve())
+    if kind == "beton":
+        n_train = check_beton(root / "train.beton")
+        n_test = check_beton(root / "test.beton")
+        return BetonPair(root / "train.beton", root / "test.beton", kind, str(root),
+                         n_train, n_test)
+    folder = cache / "betons" / f"{kind}-{identity(kind, root)}"
+    return _cached_pair(folder, kind, str(root)) or _convert(kind, root, folder, log)

@@ -1,0 +1,1 @@
+"""FFCV data pipelines (installed as fastres.loaders)."""
