@@ -1,0 +1,372 @@
+"""One training run under the paper's protocol.
+
+    python -m fastres.train --structure 1 --optimizer sgd --augment on --epochs 500 --tmax 200
+
+The defaults are the authors' script (see shared/reference/protocol.md): batch 128 reshuffled
+every epoch, test batch 100 over the whole test set after every epoch, the optimizer settings of
+Table 2 with coupled weight decay 5e-4, CosineAnnealingLR(T_max) stepped once per epoch. Speed
+switches (precision, channels-last, compile) change how it is computed, never what.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fastres
+from fastres.data import BetonPair, DataError, DataUnavailable, prepare
+from fastres.loaders.augment import DeviceAugment
+from fastres.loaders.cifar import TEST_BATCH, TRAIN_BATCH, CifarLoader
+from fastres.models import KERNELS, build
+from fastres.structures import PARAM_BUDGET, STRUCTURES, ResNetSpec, SpecError, resolve
+
+# Table 2, with the script's coupled L2 (optimizer weight_decay): Adam is Adam, not AdamW.
+OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict]] = {
+    "sgd": (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}),
+    "nesterov": (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "nesterov": True}),
+    "adam": (torch.optim.Adam, {"lr": 1e-3}),
+    "adadelta": (torch.optim.Adadelta, {"lr": 1.0}),
+    "adagrad": (torch.optim.Adagrad, {"lr": 0.01}),
+}
+WEIGHT_DECAY = 5e-4
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class TrainConfig:
+    spec: ResNetSpec = field(default_factory=lambda: STRUCTURES[1])
+    structure: int | None = 1  # Table 1 number, None for a custom spec
+    optimizer: str = "sgd"
+    augment: bool = True
+    normalize: bool = True
+    epochs: int = 500
+    tmax: int = 200
+    lr: float | None = None  # None: Table 2's rate for the optimizer
+    weight_decay: float = WEIGHT_DECAY
+    seed: int = 0
+    device: str | None = None  # None: cuda if present, else cpu
+    precision: str | None = None  # None: bf16 on a GPU, fp32 on the CPU
+    channels_last: bool | None = None  # None: on for a GPU
+    compile: bool | None = None  # None: on for a GPU
+    kernels: str = "eager"
+    batch_size: int = TRAIN_BATCH
+    test_batch_size: int = TEST_BATCH
+    train_subset: int | None = None  # a fixed random N of the training images (smoke, tests)
+    test_subset: int | None = None
+    data: str | None = None
+    cache: str | None = None
+    loader_workers: int = 0  # FFCV threads; 0 = all cores
+
+    def resolved(self) -> TrainConfig:
+        """A copy with every None default replaced by the choice for this device."""
+        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        gpu = torch.device(device).type == "cuda"
+        c = dataclasses.replace(
+            self, device=device,
+            precision=self.precision or ("bf16" if gpu else "fp32"),
+            channels_last=gpu if self.channels_last is None else self.channels_last,
+            compile=gpu if self.compile is None else self.compile,
+            lr=OPTIMIZERS[self.optimizer][1]["lr"] if self.lr is None else self.lr,
+        )
+        c.check()
+        return c
+
+    def check(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, "
+                             f"got {self.optimizer!r}")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, "
+                             f"got {self.precision!r}")
+        if self.kernels not in KERNELS:
+            raise ValueError(f"--kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
+        for name in ("epochs", "batch_size", "test_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, "
+                                 f"got {getattr(self, name)}")
+        if self.tmax < 0:
+            raise ValueError(f"--tmax must be 0 (constant rate) or positive, got {self.tmax}")
+        for name in ("train_subset", "test_subset"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["spec"] = self.spec.to_dict()
+        return d
+
+
+@dataclass
+class EpochMetrics:
+    epoch: int  # 1-based
+    lr: float  # the rate used during this epoch
+    train_loss: float
+    train_acc: float
+    test_loss: float
+    test_acc: float
+    seconds: float
+
+
+@dataclass
+class RunResult:
+    config: dict
+    status: str  # "completed" or "diverged"
+    epochs: list[EpochMetrics]
+    best_acc: float | None
+    best_epoch: int | None  # 1-based
+    loss_at_best: float | None
+    diverged_at: int | None
+    environment: dict
+    data: dict
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["epochs"] = [dataclasses.asdict(e) for e in self.epochs]
+        return d
+
+
+def make_optimizer(name: str, params, lr: float | None = None,
+                   weight_decay: float = WEIGHT_DECAY) -> torch.optim.Optimizer:
+    cls, kwargs = OPTIMIZERS[name]
+    kwargs = {**kwargs, "weight_decay": weight_decay}
+    if lr is not None:
+        kwargs["lr"] = lr
+    return cls(params, **kwargs)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, tmax: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """CosineAnnealingLR(T_max), stepped once per epoch and left to run past T_max (the
+    paper's "reset"); T_max 0 means a constant rate."""
+    if tmax == 0:
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda _epoch: 1.0)
+    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=tmax)
+
+
+def environment(device: torch.device) -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(fastres.__file__).parent, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    return {"fastres": fastres.__version__, "git_commit": commit or None,
+            "torch": torch.__version__, "python": platform.python_version(),
+            "device": str(device), "device_name": name or platform.machine()}
+
+
+def best_of(epochs: list[EpochMetrics]) -> tuple[float | None, int | None, float | None]:
+    """Best test accuracy, its 1-based epoch (the first if tied) and the test loss there."""
+    finite = [e for e in epochs if math.isfinite(e.test_loss)]
+    if not finite:
+        return None, None, None
+    best = max(finite, key=lambda e: (e.test_acc, -e.epoch))
+    return best.test_acc, best.epoch, best.test_loss
+
+
+def make_loaders(cfg: TrainConfig, data: BetonPair) -> tuple[CifarLoader, CifarLoader]:
+    device = torch.device(cfg.device)
+    dtype = PRECISIONS[cfg.precision] or torch.float32
+    train_aug = DeviceAugment(crop=cfg.augment, flip=cfg.augment, normalize=cfg.normalize,
+                              dtype=dtype)
+    test_aug = DeviceAugment(crop=False, flip=False, normalize=cfg.normalize, dtype=dtype)
+
+    def subset(n: int | None, total: int) -> np.ndarray | None:
+        # Same images for every run and seed (rng 0), so subset runs stay comparable;
+        # sorted so the test order is still the file's order.
+        if n is None or n >= total:
+            return None
+        return np.sort(np.random.default_rng(0).permutation(total)[:n])
+
+    train = CifarLoader(data.train, cfg.batch_size, True, device, train_aug, seed=cfg.seed,
+                        indices=subset(cfg.train_subset, data.num_train),
+                        num_workers=cfg.loader_workers)
+    test = CifarLoader(data.test, cfg.test_batch_size, False, device, test_aug, seed=cfg.seed,
+                       indices=subset(cfg.test_subset, data.num_test),
+                       num_workers=cfg.loader_workers)
+    return train, test
+
+
+def train(cfg: TrainConfig, data: BetonPair | None = None,
+          on_epoch: Callable[[EpochMetrics], None] | None = None,
+          log: Callable[[str], None] = print) -> RunResult:
+    """Run the whole schedule; stops early (status "diverged") on a non-finite loss."""
+    cfg = cfg.resolved()
+    device = torch.device(cfg.device)
+    if data is None:
+        data = prepare(cfg.data, cfg.cache, log=log)
+    train_loader, test_loader = make_loaders(cfg, data)
+
+    torch.manual_seed(cfg.seed)
+    model = build(cfg.spec, kernels=cfg.kernels).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
+    sched = make_scheduler(opt, cfg.tmax)
+    amp_dtype = PRECISIONS[cfg.precision]
+    # fp16 needs loss scaling; bf16 has fp32's range and does not.
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
+    step_model: nn.Module = torch.compile(model) if cfg.compile else model
+
+    def autocast():
+        return torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                              enabled=amp_dtype is not None)
+
+    log(f"[train] {cfg.spec} | {cfg.optimizer} lr {cfg.lr} wd {cfg.weight_decay} | augment "
+        f"{'on' if cfg.augment else 'off'} | {cfg.epochs} epochs, T_max {cfg.tmax} | {device} "
+        f"{cfg.precision}{' channels-last' if cfg.channels_last else ''}"
+        f"{' compiled' if cfg.compile else ''} | {train_loader.num_samples} train / "
+        f"{test_loader.num_samples} test images from {data.kind} {data.source}")
+
+    history: list[EpochMetrics] = []
+    status, diverged_at = "completed", None
+    for epoch in range(1, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        lr = opt.param_groups[0]["lr"]
+        model.train()
+        # Sums stay on the device: one host sync per epoch, not per step.
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        for images, labels in train_loader:
+            with autocast():
+                logits = step_model(images)
+                loss = F.cross_entropy(logits, labels)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            loss_sum += loss.detach().float() * labels.numel()
+            correct += (logits.argmax(1) == labels).sum()
+        sched.step()
+        train_loss = loss_sum.item() / train_loader.num_samples
+        train_acc = correct.item() / train_loader.num_samples
+        test_loss, test_acc = evaluate(step_model, test_loader, autocast)
+        m = EpochMetrics(epoch, lr, train_loss, train_acc, test_loss, test_acc,
+                         time.perf_counter() - t0)
+        history.append(m)
+        log(f"epoch {epoch:>4}/{cfg.epochs}  lr {lr:.5f}  train loss {train_loss:.4f} "
+            f"acc {100 * train_acc:6.2f}%  test loss {test_loss:.4f} acc {100 * test_acc:6.2f}%  "
+            f"{m.seconds:.1f}s")
+        if on_epoch is not None:
+            on_epoch(m)
+        if not (math.isfinite(train_loss) and math.isfinite(test_loss)):
+            status, diverged_at = "diverged", epoch
+            log(f"[train] loss is {train_loss if not math.isfinite(train_loss) else test_loss} "
+                f"at epoch {epoch}: run diverged, stopping")
+            break
+
+    best_acc, best_epoch, loss_at_best = best_of(history)
+    if best_acc is not None:
+        log(f"[train] {status}: best test accuracy {100 * best_acc:.2f}% at epoch {best_epoch} "
+            f"(test loss {loss_at_best:.4f})")
+    return RunResult(cfg.to_dict(), status, history, best_acc, best_epoch, loss_at_best,
+                     diverged_at, environment(device),
+                     {"kind": data.kind, "source": data.source, "num_train":
+                      train_loader.num_samples, "num_test": test_loader.num_samples})
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: CifarLoader, autocast) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy over the whole loader, with the BN running statistics."""
+    model.eval()
+    loss_sum = torch.zeros((), device=loader.device)
+    correct = torch.zeros((), device=loader.device, dtype=torch.long)
+    for images, labels in loader:
+        with autocast():
+            logits = model(images)
+        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
+        correct += (logits.argmax(1) == labels).sum()
+    model.train()
+    return loss_sum.item() / loader.num_samples, correct.item() / loader.num_samples
+
+
+def write_json_atomic(path: str | os.PathLike, obj: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, allow_nan=True))
+    os.replace(tmp, path)
+
+
+def on_off(text: str) -> bool:
+    if text.lower() in ("on", "true", "1", "yes"):
+        return True
+    if text.lower() in ("off", "false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
+
+
+def add_run_arguments(ap: argparse.ArgumentParser) -> None:
+    """Flags shared by fastres.train and fastres.grid: where and how a run computes."""
+    ap.add_argument("--data", help="CIFAR-10 source (default: $FASTRES_DATA, else the cached "
+                    "or downloaded copy)")
+    ap.add_argument("--cache", help="cache folder for downloads and betons "
+                    "(default: $FASTRES_CACHE or ~/.cache/fastres)")
+    ap.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if present)")
+    ap.add_argument("--precision", choices=tuple(PRECISIONS),
+                    help="autocast dtype (default: bf16 on a GPU, fp32 on the CPU)")
+    ap.add_argument("--channels-last", type=on_off, default=None, metavar="on|off")
+    ap.add_argument("--compile", type=on_off, default=None, metavar="on|off")
+    ap.add_argument("--kernels", choices=KERNELS, default="eager")
+    ap.add_argument("--train-subset", type=int, help="use a fixed random N of the training images")
+    ap.add_argument("--test-subset", type=int, help="use a fixed random N of the test images")
+    ap.add_argument("--loader-workers", type=int, default=0, help="FFCV threads (0: all cores)")
+    ap.add_argument("--param-budget", type=int, default=PARAM_BUDGET)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m fastres.train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--structure", type=int, help="Table 1 structure, 1..9 (default 1)")
+    ap.add_argument("--spec", help='custom structure: "N=2 B=1,1 C_in=16 F0=3 P0=1 F1=3 P1=1 K=1"')
+    ap.add_argument("--optimizer", choices=tuple(OPTIMIZERS), default="sgd")
+    ap.add_argument("--augment", type=on_off, default=True, metavar="on|off")
+    ap.add_argument("--normalize", type=on_off, default=True, metavar="on|off")
+    ap.add_argument("--epochs", type=int, default=500)
+    ap.add_argument("--tmax", type=int, default=200, help="cosine T_max in epochs; 0 = constant")
+    ap.add_argument("--lr", type=float, help="override Table 2's learning rate")
+    ap.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", help="write the whole result here as JSON")
+    add_run_arguments(ap)
+    args = ap.parse_args(argv)
+    try:
+        spec = resolve(args.structure, args.spec, args.param_budget)
+        cfg = TrainConfig(
+            spec=spec, structure=None if args.spec else (args.structure or 1),
+            optimizer=args.optimizer, augment=args.augment, normalize=args.normalize,
+            epochs=args.epochs, tmax=args.tmax, lr=args.lr, weight_decay=args.weight_decay,
+            seed=args.seed, device=args.device, precision=args.precision,
+            channels_last=args.channels_last, compile=args.compile, kernels=args.kernels,
+            train_subset=args.train_subset, test_subset=args.test_subset, data=args.data,
+            cache=args.cache, loader_workers=args.loader_workers)
+        result = train(cfg)
+    except DataUnavailable as e:
+        print(f"\nerror: no CIFAR-10 data.\n{e}", file=sys.stderr)
+        return 2
+    except (SpecError, DataError, ValueError, NotImplementedError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        write_json_atomic(args.json, result.to_dict())
+        print(f"[train] wrote {args.json}")
+    return 0 if result.status == "completed" else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

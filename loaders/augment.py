@@ -1,0 +1,83 @@
+"""Crop, flip and normalise on the device, from a uint8 NHWC batch to float channels-last NCHW.
+
+Plain torch ops (one gather, one fused-by-the-allocator affine): the Triton version lives in
+kernels/. The random parameters are drawn separately so tests can feed their own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2023, 0.1994, 0.2010)
+PAD = 4
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    dy: torch.Tensor  # (B,) row offset into the padded image, 0..2*PAD
+    dx: torch.Tensor  # (B,) column offset, 0..2*PAD
+    flip: torch.Tensor  # (B,) bool: mirror left-right
+
+
+def random_params(batch: int, crop: bool, flip: bool, device: torch.device,
+                  generator: torch.Generator | None) -> AugmentParams:
+    """Offsets uniform over the 9x9 positions of a 4-pixel padding (torchvision RandomCrop), and
+    flips with p = 0.5, drawn from `generator` so a seed reproduces them."""
+    def offsets() -> torch.Tensor:
+        if not crop:
+            return torch.full((batch,), PAD, device=device, dtype=torch.long)
+        return torch.randint(0, 2 * PAD + 1, (batch,), device=device, generator=generator)
+
+    dy, dx = offsets(), offsets()
+    if flip:
+        mirror = torch.rand(batch, device=device, generator=generator) < 0.5
+    else:
+        mirror = torch.zeros(batch, device=device, dtype=torch.bool)
+    return AugmentParams(dy, dx, mirror)
+
+
+def crop_flip(images: torch.Tensor, p: AugmentParams) -> torch.Tensor:
+    """uint8 (B, H, W, C) -> uint8 (B, H, W, C): the HxW window at (dy, dx) of the zero-padded
+    image, mirrored where p.flip. Out-of-image pixels read as 0 (black), like RandomCrop's pad."""
+    b, h, w, c = images.shape
+    padded = images.new_zeros(b, h + 2 * PAD, w + 2 * PAD, c)
+    padded[:, PAD:PAD + h, PAD:PAD + w] = images
+    ar_h = torch.arange(h, device=images.device)
+    ar_w = torch.arange(w, device=images.device)
+    rows = p.dy[:, None] + ar_h  # (B, H)
+    cols = torch.where(p.flip[:, None], w - 1 - ar_w, ar_w) + p.dx[:, None]  # (B, W)
+    bi = torch.arange(b, device=images.device)[:, None, None]
+    return padded[bi, rows[:, :, None], cols[:, None, :]]
+
+
+def normalize(images: torch.Tensor, dtype: torch.dtype, enabled: bool = True,
+              mean: tuple[float, ...] = CIFAR_MEAN, std: tuple[float, ...] = CIFAR_STD
+              ) -> torch.Tensor:
+    """uint8 (B, H, W, C) -> float (B, C, H, W) in channels-last memory: (x/255 - mean) / std."""
+    x = images.to(torch.float32).div_(255.0)
+    if enabled:
+        m = torch.tensor(mean, device=images.device, dtype=torch.float32)
+        s = torch.tensor(std, device=images.device, dtype=torch.float32)
+        x = (x - m) / s
+    # NHWC contiguous permuted to NCHW *is* channels-last: no copy.
+    return x.to(dtype).permute(0, 3, 1, 2)
+
+
+@dataclass(frozen=True)
+class DeviceAugment:
+    """The train/test transform: each step switchable (the paper's Figure 7 turns them off)."""
+
+    crop: bool = True
+    flip: bool = True
+    normalize: bool = True
+    dtype: torch.dtype = torch.float32
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None
+                 ) -> torch.Tensor:
+        if self.crop or self.flip:
+            p = random_params(images.shape[0], self.crop, self.flip, images.device, generator)
+            images = crop_flip(images, p)
+        return normalize(images, self.dtype, self.normalize)

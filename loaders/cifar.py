@@ -1,0 +1,68 @@
+"""FFCV pipelines for CIFAR-10 betons: uint8 images and labels to the device, then the
+device-side augmentation. One field, one short list of operations (the FFCV way)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastres.loaders.augment import DeviceAugment
+
+TRAIN_BATCH = 128
+TEST_BATCH = 100
+
+
+class CifarLoader:
+    """Iterates (images, labels): float NCHW channels-last images and int64 labels on `device`.
+
+    train=True: order reshuffled every epoch (seeded: epoch e uses seed + e), last partial batch
+    kept. train=False: sequential. `indices` selects a subset (smoke runs, tests).
+    """
+
+    def __init__(self, beton: str | Path, batch_size: int, train: bool, device: torch.device,
+                 augment: DeviceAugment, seed: int = 0, indices: Sequence[int] | None = None,
+                 num_workers: int = 0):
+        from ffcv.fields.basics import IntDecoder
+        from ffcv.fields.rgb_image import SimpleRGBImageDecoder
+        from ffcv.loader import Loader, OrderOption
+        from ffcv.transforms import Squeeze, ToDevice, ToTensor
+
+        self.device = torch.device(device)
+        self.augment = augment
+        self.train = train
+        on_gpu = self.device.type == "cuda"
+        to_device = [ToDevice(self.device, non_blocking=True)] if on_gpu else []
+        self.loader = Loader(
+            str(beton), batch_size=batch_size, num_workers=num_workers or -1,
+            order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL,
+            drop_last=False, seed=seed, os_cache=True,
+            indices=None if indices is None else np.asarray(indices),
+            pipelines={"image": [SimpleRGBImageDecoder(), ToTensor(), *to_device],
+                       "label": [IntDecoder(), ToTensor(), Squeeze(-1), *to_device]},
+        )
+        # Seeded per loader so a run's crops and flips are reproducible.
+        self.generator = torch.Generator(device=self.device).manual_seed(seed + 1)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.loader.indices)
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next iteration will use (it sets the shuffle order)."""
+        return self.loader.next_epoch
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self.loader.next_epoch = value
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels in self.loader:
+            # FFCV reuses its output buffers for later batches: take our own copy of the labels.
+            yield self.augment(images, self.generator), labels.to(torch.long, copy=True)
