@@ -201,15 +201,18 @@ def _tar_members(path: Path) -> Iterator[tuple[str, str, str, bytes]]:
                 if not m.isfile():
                     continue
                 parts = Path(m.name).parts
-                if len(parts) >= 4 and parts[-3] not in ("train", "test"):
-                    parts = parts[-3:]
+                if len(parts) == 4 and parts[1] in ("train", "test"):
+                    parts = parts[1:]  # e.g. cifar10/train/cat/0001.jpg
                 if len(parts) != 3 or parts[0] not in ("train", "test"):
                     continue
                 if Path(parts[2]).suffix.lower() not in IMAGE_SUFFIXES:
                     continue
                 yield parts[0], parts[1], m.name, tf.extractfile(m).read()  # type: ignore[union-attr]
     except tarfile.TarError as e:
-        raise DataError(f"{path} is not a readable tar archive: {e}") from None
+        reason = str(e).splitlines()[0]
+        raise DataError(f"--data {path} is not a readable tar archive ({reason}); expected a "
+                        ".tar.gz of an ImageFolder tree (train/<class>/*.jpg, test/<class>/*.jpg)"
+                        ) from None
 
 
 def read_tar(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -217,7 +220,7 @@ def read_tar(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     for split, cls, name, data in _tar_members(path):
         by_split[split].append((cls, name, _decode(data, f"{path}:{name}")))
     if not by_split["train"] or not by_split["test"]:
-        raise DataError(f"{path} holds {len(by_split['train'])} train/ and "
+        raise DataError(f"--data {path} holds {len(by_split['train'])} train/ and "
                         f"{len(by_split['test'])} test/ images; expected an ImageFolder tree "
                         "train/<class>/*.jpg and test/<class>/*.jpg")
     classes = _class_index(sorted({c for c, _, _ in by_split["train"]}), f"{path}:train/")

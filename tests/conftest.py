@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fastres.data import BetonPair, prepare, write_beton
+
+SHARED_JPEG = Path(__file__).resolve().parents[1].parent / "shared/data/cifar10-jpeg.tar.gz"
+
+
+@pytest.fixture(scope="session")
+def jpeg_betons(tmp_path_factory) -> BetonPair:
+    """The shared JPEG copy of CIFAR-10, converted once per test session into a temp cache."""
+    if not SHARED_JPEG.is_file():
+        if os.environ.get("CI"):
+            pytest.fail(f"CI needs the shared CIFAR-10 copy at {SHARED_JPEG}")
+        pytest.skip(f"no shared CIFAR-10 copy at {SHARED_JPEG}")
+    return prepare(SHARED_JPEG, cache=tmp_path_factory.mktemp("cache"), log=lambda _m: None)
+
+
+def random_images(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+
+
+@pytest.fixture
+def tiny_betons(tmp_path) -> BetonPair:
+    """Ready betons of random images: 300 train (labels = index % 10), 120 test."""
+    folder = tmp_path / "betons"
+    write_beton(folder / "train.beton", random_images(300), np.arange(300) % 10)
+    write_beton(folder / "test.beton", random_images(120, 1), np.arange(120) % 10)
+    return prepare(folder, cache=tmp_path / "cache")
