@@ -111,7 +111,7 @@ class CheckpointError(ValueError):
 
 
 def _unwrap_state_dict(obj: object) -> Mapping[str, torch.Tensor]:
-    # The authors' script saves {"net": state_dict, "acc": ..., "epoch": ...}; accept a bare one too.
+    # The authors' script saves {"net": state_dict, "acc": ..., "epoch": ...}; a bare one is fine.
     if isinstance(obj, Mapping):
         for key in ("net", "state_dict", "model"):
             if key in obj and isinstance(obj[key], Mapping):

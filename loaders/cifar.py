@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from fastres.loaders.augment import DeviceAugment
 
 TRAIN_BATCH = 128

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up for a fresh Debian machine (root, package registries only).
-# Usage: bash scripts/setup.sh            # install only
+# Usage: bash scripts/setup.sh [install|main|test] [args...]
+#   main: install, then the main job; test: install, then ruff and pytest.
 # Each step checks first, so a second run costs a few seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,3 +37,15 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! "$VPY" -c "import 
   "$VPY" -m pip install -q -e ".[dev]"
   echo "$want" > "$stamp"
 fi
+
+# What to run once everything is in place.
+mode=${1:-install}
+shift || true
+case "$mode" in
+  install) ;;
+  main) exec "$VPY" -m fastres.train "$@" ;;
+  test)
+    "$VENV/bin/ruff" check .
+    exec "$VPY" -m pytest "$@" ;;
+  *) echo "usage: bash scripts/setup.sh [install|main|test] [args...]" >&2; exit 2 ;;
+esac

@@ -7,12 +7,12 @@ import urllib.error
 import numpy as np
 import pytest
 import torch
+from fastres.loaders.augment import DeviceAugment
+from fastres.loaders.cifar import CifarLoader
 from PIL import Image
 
 from fastres import data as fdata
 from fastres.data import DataError, DataUnavailable, prepare, write_beton
-from fastres.loaders.augment import DeviceAugment
-from fastres.loaders.cifar import CifarLoader
 
 from .conftest import random_images
 
