@@ -1,6 +1,13 @@
 from __future__ import annotations
 
 import os
+
+import torch
+
+# Triton kernels run on the CPU only through the interpreter; it must be on before any kernel
+# module is imported (triton.jit reads it at decoration time).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from pathlib import Path
 
 import numpy as np
