@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -170,6 +171,10 @@ def environment(device: torch.device) -> dict:
             "device": str(device), "device_name": name or platform.machine()}
 
 
+def _finite(m: EpochMetrics) -> bool:
+    return math.isfinite(m.train_loss) and math.isfinite(m.test_loss)
+
+
 def best_of(epochs: list[EpochMetrics]) -> tuple[float | None, int | None, float | None]:
     """Best test accuracy, its 1-based epoch (the first if tied) and the test loss there."""
     finite = [e for e in epochs if math.isfinite(e.test_loss)]
@@ -202,10 +207,24 @@ def make_loaders(cfg: TrainConfig, data: BetonPair) -> tuple[CifarLoader, CifarL
     return train, test
 
 
+class Checkpointer(Protocol):
+    """Where a resumable run keeps its state (fastres.results implements it on SQLite)."""
+
+    def load(self) -> tuple[dict, list[EpochMetrics]] | None:
+        """The state saved after the last committed epoch and the metrics so far, or None."""
+
+    def commit(self, metrics: EpochMetrics, state: dict) -> None:
+        """Make this epoch's metrics and state durable before the next epoch starts."""
+
+
 def train(cfg: TrainConfig, data: BetonPair | None = None,
           on_epoch: Callable[[EpochMetrics], None] | None = None,
-          log: Callable[[str], None] = print) -> RunResult:
-    """Run the whole schedule; stops early (status "diverged") on a non-finite loss."""
+          log: Callable[[str], None] = print,
+          checkpoint: Checkpointer | None = None) -> RunResult:
+    """Run the whole schedule; stops early (status "diverged") on a non-finite loss.
+
+    With a checkpoint, a run resumes after its last committed epoch (model, optimizer,
+    scheduler, scaler, RNG and loader state) and commits every epoch as it ends."""
     cfg = cfg.resolved()
     device = torch.device(cfg.device)
     if data is None:
@@ -234,8 +253,25 @@ def train(cfg: TrainConfig, data: BetonPair | None = None,
         f"{test_loader.num_samples} test images from {data.kind} {data.source}")
 
     history: list[EpochMetrics] = []
+    saved = checkpoint.load() if checkpoint is not None else None
+    if saved is not None:
+        state, history = saved
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["torch_rng"])
+        train_loader.generator.set_state(state["augment_rng"])
+        train_loader.epoch = state["loader_epoch"]
+        if state["epoch"] != len(history):
+            raise ValueError(f"checkpoint is of epoch {state['epoch']} but {len(history)} "
+                             "epochs are recorded")
+        log(f"[train] resuming after epoch {state['epoch']}")
     status, diverged_at = "completed", None
-    for epoch in range(1, cfg.epochs + 1):
+    if history and not _finite(history[-1]):  # killed between a diverged epoch and its report
+        status, diverged_at = "diverged", history[-1].epoch
+    remaining = range(len(history) + 1, cfg.epochs + 1) if status == "completed" else range(0)
+    for epoch in remaining:
         t0 = time.perf_counter()
         lr = opt.param_groups[0]["lr"]
         model.train()
@@ -262,9 +298,16 @@ def train(cfg: TrainConfig, data: BetonPair | None = None,
         log(f"epoch {epoch:>4}/{cfg.epochs}  lr {lr:.5f}  train loss {train_loss:.4f} "
             f"acc {100 * train_acc:6.2f}%  test loss {test_loss:.4f} acc {100 * test_acc:6.2f}%  "
             f"{m.seconds:.1f}s")
+        if checkpoint is not None:
+            checkpoint.commit(m, {
+                "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "augment_rng": train_loader.generator.get_state(),
+                "loader_epoch": train_loader.epoch})
         if on_epoch is not None:
             on_epoch(m)
-        if not (math.isfinite(train_loss) and math.isfinite(test_loss)):
+        if not _finite(m):
             status, diverged_at = "diverged", epoch
             log(f"[train] loss is {train_loss if not math.isfinite(train_loss) else test_loss} "
                 f"at epoch {epoch}: run diverged, stopping")
