@@ -34,7 +34,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! "$VPY" -c "import 
   "$VPY" -m pip install -q --upgrade pip
   "$VPY" -m pip install -q torch==2.14.1 torchvision==0.29.1
   "$VPY" -m pip install -q ffcv==1.0.2
-  "$VPY" -m pip install -q -e ".[dev]"
+  "$VPY" -m pip install -q -e ".[dev,cluster]"
   echo "$want" > "$stamp"
 fi
 
@@ -43,7 +43,7 @@ mode=${1:-install}
 shift || true
 case "$mode" in
   install) ;;
-  main) exec "$VPY" -m fastres.train "$@" ;;
+  main) exec "$VPY" -m fastres.grid "$@" ;;
   test)
     "$VENV/bin/ruff" check .
     exec "$VPY" -m pytest "$@" ;;

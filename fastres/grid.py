@@ -1,0 +1,497 @@
+"""The study as one command: every cell of the grid, resumable, reported, over many workers.
+
+    python -m fastres.grid                                   # the paper's 90 runs
+    python -m fastres.grid --structures 1,6 --optimizers sgd,nesterov --augment on
+    python -m fastres.grid --preset smoke --data synthetic   # seconds, no CIFAR-10 needed
+    python -m fastres.grid --workers 4 --runs-per-gpu 2      # through a local Ray cluster
+
+Results go to `--results DIR` (default ./runs): an SQLite database and checkpoints. Rerunning
+the same command resumes; finished runs are skipped. See fastres/results.py for the guarantees.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from fastres.data import SYNTHETIC, SYNTHETIC_WARNING, BetonPair, DataError, DataUnavailable
+from fastres.structures import STRUCTURES, ResNetSpec, SpecError, describe
+from fastres.train import (
+    OPTIMIZERS,
+    TEST_BATCH,
+    TRAIN_BATCH,
+    WEIGHT_DECAY,
+    EpochMetrics,
+    TrainConfig,
+    add_run_arguments,
+)
+
+H200_BF16_FLOPS = 790e12  # measured dense bf16 rate quoted in protocol.md: the speed floor
+CIFAR_SIZES = (50_000, 10_000)
+SMOKE_SPEC = "N=2 B=1,1 C_in=8 F0=3 P0=1 F1=3 P1=1 K=1"
+PAPER_OPTIMIZERS = ("sgd", "nesterov", "adam", "adadelta", "adagrad")
+
+
+class GridError(ValueError):
+    """A grid that cannot be run as asked; the message names the flag."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    """What varies across the grid."""
+
+    spec: ResNetSpec
+    structure: int | None  # Table 1 number, None for a custom spec
+    optimizer: str
+    augment: bool = True
+    normalize: bool = True
+    tmax: int = 200
+    seed: int = 0
+
+    @property
+    def label(self) -> str:
+        name = f"s{self.structure}" if self.structure else f"[{self.spec}]"
+        return (f"{name} {self.optimizer} aug={'on' if self.augment else 'off'}"
+                f"{'' if self.normalize else ' norm=off'} tmax={self.tmax} seed={self.seed}")
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "spec": self.spec.to_dict()}
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """What every cell shares and results must not be mixed across."""
+
+    epochs: int = 500
+    lr: float | None = None
+    weight_decay: float = WEIGHT_DECAY
+    batch_size: int = TRAIN_BATCH
+    test_batch_size: int = TEST_BATCH
+    train_subset: int | None = None
+    test_subset: int | None = None
+    data: str = ""  # identity of the prepared data (BetonPair.identity)
+    data_kind: str = ""
+
+    @property
+    def id(self) -> str:
+        return _digest(asdict(self))
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_id(cell: Cell, protocol: Protocol) -> str:
+    return _digest({"cell": cell.to_dict(), "protocol": asdict(protocol)})
+
+
+@dataclass
+class Plan:
+    specs: list[tuple[int | None, ResNetSpec]]
+    optimizers: list[str]
+    augment: list[bool]
+    normalize: list[bool] = field(default_factory=lambda: [True])
+    tmax: list[int] = field(default_factory=lambda: [200])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    epochs: int = 500
+    train_subset: int | None = None
+    test_subset: int | None = None
+
+    def cells(self) -> list[Cell]:
+        return [Cell(spec, num, opt, aug, norm, tmax, seed)
+                for num, spec in self.specs for opt in self.optimizers for aug in self.augment
+                for norm in self.normalize for tmax in self.tmax for seed in self.seeds]
+
+
+def _structures(nums: list[int]) -> list[tuple[int | None, ResNetSpec]]:
+    return [(i, STRUCTURES[i]) for i in nums]
+
+
+PRESETS: dict[str, Plan] = {
+    "paper": Plan(_structures(list(range(1, 10))), list(PAPER_OPTIMIZERS), [True, False]),
+    "fig7": Plan(_structures([1]), ["sgd"], [True, False], normalize=[True, False], epochs=200),
+    "fig8": Plan(_structures([1]), ["sgd"], [True], tmax=[0, 100, 200, 300]),
+    "smoke": Plan([(None, ResNetSpec.parse(SMOKE_SPEC))], ["sgd", "adam"], [True, False],
+                  epochs=2, train_subset=1000, test_subset=500),
+}
+
+
+def _split(text: str, flag: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise GridError(f"{flag} {text!r} selects nothing")
+    return items
+
+
+def _ints(text: str, flag: str, lo: int = 0) -> list[int]:
+    out = []
+    for t in _split(text, flag):
+        try:
+            v = int(t)
+        except ValueError:
+            raise GridError(f"{flag}: {t!r} is not an integer") from None
+        if v < lo:
+            raise GridError(f"{flag}: {v} must be at least {lo}")
+        out.append(v)
+    return out
+
+
+def _on_off(text: str, flag: str) -> list[bool]:
+    table = {"on": True, "off": False}
+    bad = [t for t in _split(text, flag) if t.lower() not in table]
+    if bad:
+        raise GridError(f"{flag}: {bad[0]!r} is not on or off")
+    return [table[t.lower()] for t in _split(text, flag)]
+
+
+def plan_from_args(args: argparse.Namespace) -> Plan:
+    base = PRESETS[args.preset]
+    plan = Plan(**{**base.__dict__})
+    if args.structures is not None or args.spec:
+        plan.specs = []
+        if args.structures is not None:
+            for i in _ints(args.structures, "--structures", lo=1):
+                if i not in STRUCTURES:
+                    raise GridError(f"--structures: unknown structure {i} (Table 1 has 1..9)")
+                plan.specs.append((i, STRUCTURES[i]))
+        for text in args.spec or []:
+            try:
+                plan.specs.append((None, ResNetSpec.parse(text).validate(args.param_budget)))
+            except SpecError as e:
+                raise GridError(f"--spec {text!r}: {e}") from None
+    if args.optimizers is not None:
+        names = _split(args.optimizers, "--optimizers")
+        bad = [n for n in names if n not in OPTIMIZERS]
+        if bad:
+            raise GridError(f"--optimizers: unknown optimizer {bad[0]!r} "
+                            f"(choose from {', '.join(OPTIMIZERS)})")
+        plan.optimizers = names
+    if args.augment is not None:
+        plan.augment = _on_off(args.augment, "--augment")
+    if args.normalize is not None:
+        plan.normalize = _on_off(args.normalize, "--normalize")
+    if args.tmax is not None:
+        plan.tmax = _ints(args.tmax, "--tmax")
+    if args.seeds is not None:
+        plan.seeds = _ints(args.seeds, "--seeds")
+    if args.epochs is not None:
+        if args.epochs < 1:
+            raise GridError(f"--epochs must be at least 1, got {args.epochs}")
+        plan.epochs = args.epochs
+    if args.train_subset is not None:
+        plan.train_subset = args.train_subset
+    if args.test_subset is not None:
+        plan.test_subset = args.test_subset
+    if not plan.cells():
+        raise GridError("the selection is empty: no cells to run")
+    return plan
+
+
+def epoch_flop(spec: ResNetSpec, n_train: int, n_test: int, _cache: dict = {}) -> float:  # noqa: B006
+    """Training (forward + backward, about 3x forward) plus evaluation, for one epoch."""
+    key = str(spec)
+    if key not in _cache:
+        _cache[key] = describe(spec)["gflop_per_image"] * 1e9
+    return _cache[key] * (3 * n_train + n_test)
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class Progress:
+    """One display for the whole grid: cells done of total, current cell and epoch, and an ETA
+    from the measured seconds per FLOP so far (so big and small structures mix fairly)."""
+
+    def __init__(self, cells: list[Cell], ids: list[str], flop: dict[str, float],
+                 epochs_done: dict[str, int], done: set[str], epochs: int, workers: int,
+                 quiet: bool):
+        self.labels = {i: c.label for i, c in zip(ids, cells, strict=True)}
+        self.flop, self.epochs_done, self.done = flop, epochs_done, done
+        self.epochs, self.workers, self.quiet = epochs, workers, quiet
+        self.failed: set[str] = set()
+        self.seconds = 0.0
+        self.flop_seen = 0.0
+
+    def eta(self) -> str:
+        if not self.flop_seen:
+            return "ETA --"
+        left = sum(self.flop[i] * (self.epochs - self.epochs_done[i])
+                   for i in self.labels if i not in self.done and i not in self.failed)
+        return f"ETA {_fmt_time(left * self.seconds / self.flop_seen / self.workers)}"
+
+    def head(self) -> str:
+        return f"[{len(self.done)}/{len(self.labels)} {self.eta()}]"
+
+    def epoch(self, rid: str, m: EpochMetrics) -> None:
+        self.seconds += m.seconds
+        self.flop_seen += self.flop[rid]
+        self.epochs_done[rid] = m.epoch
+        if not self.quiet:
+            print(f"{self.head()} {self.labels[rid]}: epoch {m.epoch}/{self.epochs} "
+                  f"test acc {100 * m.test_acc:.2f}% loss {m.test_loss:.4f} ({m.seconds:.1f}s)",
+                  flush=True)
+
+    def cell(self, rid: str, outcome: str) -> None:
+        if outcome in ("completed", "diverged", "done"):
+            self.done.add(rid)
+        elif outcome == "failed":
+            self.failed.add(rid)
+        if outcome != "busy":
+            print(f"{self.head()} {self.labels[rid]}: {outcome}", flush=True)
+
+
+@dataclass
+class Job:
+    """Everything a worker needs to run one cell (picklable, for Ray)."""
+
+    cell: Cell
+    protocol: Protocol
+    run_id: str
+    results: str
+    data: BetonPair
+    compute: dict  # device, precision, channels_last, compile, kernels, loader_workers, cache
+    max_attempts: int
+    quiet: bool
+
+
+def run_job(job: Job, on_epoch=None, threads: int | None = None) -> str:
+    """Lease, train (resuming if there is a checkpoint) and record one cell. Returns 'completed',
+    'diverged', 'failed', 'done' (finished before) or 'busy' (another live process has it)."""
+    import torch
+
+    from fastres.results import Heartbeat, LeaseLost, ResultsDB, RunCheckpointer, new_owner
+    from fastres.train import train
+
+    if threads:
+        torch.set_num_threads(threads)
+    db = ResultsDB(job.results)
+    owner = new_owner()
+    try:
+        got = db.acquire(job.run_id, owner, max_attempts=job.max_attempts)
+        if got != "acquired":
+            return got
+        p, c = job.protocol, job.cell
+        cfg = TrainConfig(spec=c.spec, structure=c.structure, optimizer=c.optimizer,
+                          augment=c.augment, normalize=c.normalize, epochs=p.epochs, tmax=c.tmax,
+                          lr=p.lr, weight_decay=p.weight_decay, seed=c.seed,
+                          batch_size=p.batch_size, test_batch_size=p.test_batch_size,
+                          train_subset=p.train_subset, test_subset=p.test_subset, **job.compute)
+        log = (lambda _m: None) if job.quiet else (lambda m: print(m, flush=True))
+        epoch_log = (lambda m: None) if on_epoch is None else (lambda m: on_epoch(job.run_id, m))
+        with Heartbeat(db.folder, job.run_id, owner) as beat:
+            try:
+                result = train(cfg, data=job.data, on_epoch=epoch_log,
+                               log=lambda m: None if m.startswith("epoch") else log(m),
+                               checkpoint=RunCheckpointer(db, job.run_id, owner, log))
+            except LeaseLost:
+                return "busy"
+            except Exception as e:  # the grid goes on; the error is recorded with the run
+                db.fail(job.run_id, owner, f"{type(e).__name__}: {e}")
+                print(f"[grid] {c.label} failed: {type(e).__name__}: {e}", file=sys.stderr)
+                return "failed"
+            if beat.lost:
+                return "busy"
+        db.finish(job.run_id, owner, result)
+        return result.status
+    finally:
+        db.close()
+
+
+def run_local(jobs: list[Job], progress: Progress, poll: float = 2.0) -> None:
+    """In this process, one cell after another; cells another process holds are revisited
+    after each pass until their owner finishes them (or dies and they are taken over)."""
+    pending = list(jobs)
+    while pending:
+        busy = []
+        for job in pending:
+            outcome = run_job(job, on_epoch=progress.epoch)
+            progress.cell(job.run_id, outcome)
+            if outcome == "busy":
+                busy.append(job)
+        pending = busy
+        if pending:
+            time.sleep(poll)
+
+
+def _ray_job(job: Job, threads: int) -> str:
+    return run_job(job, on_epoch=None, threads=threads)
+
+
+def run_ray(jobs: list[Job], progress: Progress, workers: int | None, runs_per_gpu: int,
+            address: str | None, max_retries: int) -> None:
+    """Cells as Ray tasks (a local cluster unless --ray ADDRESS), each on 1/runs_per_gpu GPU.
+    A task whose worker dies is retried by Ray up to max_retries times and resumes from its
+    last checkpoint; every worker writes to the one results database."""
+    try:
+        import ray
+    except ImportError:
+        raise GridError("--workers > 1 and --ray need Ray: pip install 'fastres[cluster]'"
+                        ) from None
+    if address:
+        ray.init(address=address, log_to_driver=not progress.quiet)
+    else:
+        import torch
+
+        gpus = torch.cuda.device_count()
+        ray.init(num_cpus=os.cpu_count(), num_gpus=gpus, include_dashboard=False,
+                 log_to_driver=not progress.quiet)
+    try:
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        if workers is None:
+            workers = max(1, gpus * runs_per_gpu) if gpus else 1
+        threads = max(1, cpus // workers)
+        task = ray.remote(_ray_job).options(
+            num_gpus=(1 / runs_per_gpu) if gpus else 0, num_cpus=min(threads, cpus),
+            max_retries=max_retries, retry_exceptions=False)
+        print(f"[grid] Ray: {workers} worker(s) over {gpus} GPU(s), {cpus} CPU(s)", flush=True)
+        queue = deque(jobs)
+        inflight: dict[Any, Job] = {}
+        while queue or inflight:
+            while queue and len(inflight) < workers:
+                job = queue.popleft()
+                inflight[task.remote(job, threads)] = job
+            ready, _ = ray.wait(list(inflight), num_returns=1)
+            for ref in ready:
+                job = inflight.pop(ref)
+                try:
+                    outcome = ray.get(ref)
+                except ray.exceptions.RayError as e:  # worker died more than max_retries times
+                    print(f"[grid] {job.cell.label}: worker lost ({type(e).__name__}); "
+                          "giving up on it for this invocation", file=sys.stderr)
+                    outcome = "failed"
+                progress.cell(job.run_id, outcome)
+                if outcome == "busy":
+                    time.sleep(1.0)
+                    queue.append(job)
+    finally:
+        ray.shutdown()
+
+
+def print_plan(cells: list[Cell], plan: Plan) -> None:
+    n_train = plan.train_subset or CIFAR_SIZES[0]
+    n_test = plan.test_subset or CIFAR_SIZES[1]
+    total = 0.0
+    print(f"{'cell':<60} {'epochs':>6} {'PFLOP':>10}")
+    for c in cells:
+        f = epoch_flop(c.spec, n_train, n_test) * plan.epochs
+        total += f
+        print(f"{c.label:<60} {plan.epochs:>6} {f / 1e15:>10.1f}")
+    print(f"{len(cells)} cells, {len(cells) * plan.epochs} epochs, {total / 1e18:.3f} EFLOP "
+          f"({n_train} train / {n_test} test images per epoch); at {H200_BF16_FLOPS / 1e12:.0f} "
+          f"TFLOP/s the floor is {_fmt_time(total / H200_BF16_FLOPS)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m fastres.grid", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=tuple(PRESETS), default="paper")
+    ap.add_argument("--structures", help="Table 1 structures, e.g. 1,6")
+    ap.add_argument("--spec", action="append", help="a custom structure (repeatable)")
+    ap.add_argument("--optimizers", help=f"from {','.join(OPTIMIZERS)}")
+    ap.add_argument("--augment", help="on,off")
+    ap.add_argument("--normalize", help="on,off")
+    ap.add_argument("--epochs", type=int)
+    ap.add_argument("--tmax", help="cosine T_max values, e.g. 0,100,200,300")
+    ap.add_argument("--seeds", help="e.g. 0,1,2")
+    ap.add_argument("--results", default="runs", help="results folder (default ./runs)")
+    ap.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    ap.add_argument("--quiet", action="store_true", help="one line per cell, for logs")
+    ap.add_argument("--workers", type=int, help="cells at once, through Ray")
+    ap.add_argument("--runs-per-gpu", type=int, default=1)
+    ap.add_argument("--ray", metavar="ADDRESS", help="run on an existing Ray cluster")
+    ap.add_argument("--max-retries", type=int, default=2,
+                    help="retries of a cell whose worker dies or whose run fails")
+    add_run_arguments(ap)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from fastres.data import prepare
+    from fastres.results import ResultsDB, ResultsError
+
+    try:
+        plan = plan_from_args(args)
+        cells = plan.cells()
+        if args.dry_run:
+            print_plan(cells, plan)
+            return 0
+        if args.workers is not None and args.workers < 1:
+            raise GridError(f"--workers must be at least 1, got {args.workers}")
+        if args.runs_per_gpu < 1:
+            raise GridError(f"--runs-per-gpu must be at least 1, got {args.runs_per_gpu}")
+        db = ResultsDB(args.results)  # fail on a bad folder before spending time on data
+        data = prepare(args.data, args.cache)
+        if data.kind == SYNTHETIC:
+            print(f"[grid] WARNING: {SYNTHETIC_WARNING}", flush=True)
+        protocol = Protocol(epochs=plan.epochs, train_subset=plan.train_subset,
+                            test_subset=plan.test_subset, data=data.identity,
+                            data_kind=data.kind)
+        n_train = min(plan.train_subset or data.num_train, data.num_train)
+        n_test = min(plan.test_subset or data.num_test, data.num_test)
+        compute = {"device": args.device, "precision": args.precision,
+                   "channels_last": args.channels_last, "compile": args.compile,
+                   "kernels": args.kernels, "loader_workers": args.loader_workers,
+                   "cache": args.cache}
+        # Check the compute flags once here rather than failing every cell with them.
+        TrainConfig(spec=cells[0].spec, **compute).resolved()
+        jobs, flop, epochs_done, done = [], {}, {}, set()
+        for c in cells:
+            rid = run_id(c, protocol)
+            db.register(rid, {
+                "label": c.label, "cell": json.dumps(c.to_dict()), "protocol_id": protocol.id,
+                "protocol": json.dumps({**asdict(protocol), "data_source": data.source}),
+                "structure": c.structure, "spec": str(c.spec), "optimizer": c.optimizer,
+                "optimizer_settings": json.dumps({**OPTIMIZERS[c.optimizer][1],
+                                                  **({"lr": protocol.lr} if protocol.lr else {}),
+                                                  "weight_decay": protocol.weight_decay}),
+                "augment": int(c.augment), "normalize": int(c.normalize), "tmax": c.tmax,
+                "epochs": plan.epochs, "seed": c.seed})
+            row = db.run(rid)
+            flop[rid] = epoch_flop(c.spec, n_train, n_test)
+            epochs_done[rid] = row["epochs_done"]
+            if row["status"] in ("completed", "diverged"):
+                done.add(rid)
+            jobs.append(Job(c, protocol, rid, str(db.folder), data, compute,
+                            args.max_retries + 1, args.quiet))
+        db.close()
+        use_ray = args.ray is not None or (args.workers or 1) > 1
+        workers = args.workers if use_ray else 1
+        progress = Progress(cells, [j.run_id for j in jobs], flop, epochs_done, done,
+                            plan.epochs, workers or 1, args.quiet)
+        print(f"[grid] {len(cells)} cells ({len(done)} already finished), {plan.epochs} epochs "
+              f"each, results in {db.folder}", flush=True)
+        if use_ray:
+            run_ray(jobs, progress, workers, args.runs_per_gpu, args.ray, args.max_retries)
+        else:
+            run_local(jobs, progress)
+    except DataUnavailable as e:
+        print(f"\nerror: no CIFAR-10 data.\n{e}\nTo see the grid work without it: "
+              f"python -m fastres.grid --preset smoke --data {SYNTHETIC}", file=sys.stderr)
+        return 2
+    except (GridError, ResultsError, DataError, SpecError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    failed = [j.cell.label for j in jobs if j.run_id not in progress.done]
+    print(f"[grid] {len(progress.done)}/{len(jobs)} cells finished; report: "
+          f"python -m fastres.report --results {args.results}", flush=True)
+    if failed:
+        print(f"[grid] not finished: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,251 @@
+"""The paper's tables and figures from a results folder.
+
+    python -m fastres.report --results runs                 # Tables 3 and 4 as Markdown
+    python -m fastres.report --results runs --format csv    # or json, for machines
+
+Table 3 analog: best test accuracy per structure x optimizer, augmentation on and off, with row
+averages; Table 4 analog: the 1-based epoch of that best. Each cell shows ours, the paper's value
+and the difference. Figures 5 to 8 (test loss against epoch) are written as PNG beside them.
+A partial grid reports what it has and marks the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+from statistics import mean
+
+from fastres.paper import OPTIMIZER_ORDER, TABLE3, TABLE4
+from fastres.results import DB_NAME, ResultsDB, ResultsError
+
+FINISHED = ("completed", "diverged")
+
+
+def _row_name(r: dict) -> str:
+    return str(r["structure"]) if r["structure"] else f"[{r['spec']}]"
+
+
+def choose_protocol(runs: list[dict], wanted: str | None) -> tuple[str, list[dict], list[str]]:
+    """Runs of one protocol (never mixed): the one asked for, else the one with most runs."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in runs:
+        groups[r["protocol_id"]].append(r)
+    if not groups:
+        raise ResultsError("the results folder holds no runs yet")
+    if wanted is not None:
+        if wanted not in groups:
+            raise ResultsError(f"--protocol {wanted} not found; present: {', '.join(groups)}")
+        chosen = wanted
+    else:
+        chosen = max(groups, key=lambda k: len(groups[k]))
+    return chosen, groups[chosen], [k for k in groups if k != chosen]
+
+
+def table_cells(runs: list[dict]) -> list[dict]:
+    """One record per (tmax, augment, structure, optimizer) with normalisation on, seeds pooled."""
+    pooled: dict[tuple, list[dict]] = defaultdict(list)
+    for r in runs:
+        if r["normalize"]:
+            pooled[(r["tmax"], bool(r["augment"]), _row_name(r), r["optimizer"])].append(r)
+    cells = []
+    for (tmax, aug, row, opt), rs in sorted(pooled.items(), key=lambda kv: _sort_key(kv[0])):
+        done = [r for r in rs if r["status"] in FINISHED and r["best_acc"] is not None]
+        key = (int(row), opt, aug) if row.isdigit() else None
+        paper_acc = TABLE3.get(key) if key and tmax == 200 else None
+        paper_ep = TABLE4.get(key) if key and tmax == 200 else None
+        ours_acc = mean(100 * r["best_acc"] for r in done) if done else None
+        ours_ep = mean(r["best_epoch"] for r in done) if done else None
+        pending = [r for r in rs if r not in done]
+        cells.append({
+            "tmax": tmax, "augment": aug, "structure": row, "optimizer": opt,
+            "seeds": len(done), "of_seeds": len(rs),
+            "status": "done" if not pending else ", ".join(
+                f"{r['status']} {r['epochs_done']}/{r['epochs']}" for r in pending),
+            "best_acc": ours_acc, "paper_acc": paper_acc,
+            "acc_diff": None if ours_acc is None or paper_acc is None else ours_acc - paper_acc,
+            "best_epoch": ours_ep, "paper_epoch": paper_ep,
+            "epoch_diff": None if ours_ep is None or paper_ep is None else ours_ep - paper_ep,
+        })
+    return cells
+
+
+def _sort_key(k: tuple) -> tuple:
+    tmax, aug, row, opt = k
+    order = OPTIMIZER_ORDER.index(opt) if opt in OPTIMIZER_ORDER else len(OPTIMIZER_ORDER)
+    return (tmax, not aug, (0, int(row)) if row.isdigit() else (1, row), order, opt)
+
+
+def _fmt(v: float | None, digits: int) -> str:
+    return "—" if v is None else f"{v:.{digits}f}"
+
+
+def _signed(v: float | None, digits: int) -> str:
+    return "" if v is None else f", {v:+.{digits}f}"
+
+
+def markdown(cells: list[dict], what: str) -> str:
+    """Table 3 (what='acc') or Table 4 (what='epoch') analog, one block per (tmax, augment)."""
+    ours, paper, diff, digits = ((("best_acc", "paper_acc", "acc_diff", 2)) if what == "acc"
+                                 else ("best_epoch", "paper_epoch", "epoch_diff", 0))
+    out = []
+    blocks: dict[tuple, list[dict]] = defaultdict(list)
+    for c in cells:
+        blocks[(c["tmax"], c["augment"])].append(c)
+    for (tmax, aug), cs in blocks.items():
+        opts = [o for o in OPTIMIZER_ORDER if any(c["optimizer"] == o for c in cs)]
+        opts += sorted({c["optimizer"] for c in cs} - set(opts))
+        title = ("Table 3 analog: best test accuracy (%)" if what == "acc"
+                 else "Table 4 analog: epoch of the best test accuracy")
+        out.append(f"### {title}, augmentation {'on' if aug else 'off'}, T_max {tmax}\n")
+        out.append("Each cell: ours (paper, ours - paper); — where there is no value.\n")
+        header = ["structure", *opts] + (["average"] if what == "acc" else [])
+        out.append("| " + " | ".join(header) + " |")
+        out.append("|" + "---|" * len(header))
+        rows: dict[str, dict[str, dict]] = defaultdict(dict)
+        for c in cs:
+            rows[c["structure"]][c["optimizer"]] = c
+        for row, by_opt in rows.items():
+            line = [row]
+            for o in opts:
+                c = by_opt.get(o)
+                if c is None:
+                    line.append("not in grid")
+                elif c[ours] is None:
+                    line.append(f"missing ({c['status']})"
+                                + (f" (paper {_fmt(c[paper], digits)})" if c[paper] else ""))
+                else:
+                    seeds = f" n={c['seeds']}" if c["of_seeds"] > 1 else ""
+                    line.append(f"{_fmt(c[ours], digits)} ({_fmt(c[paper], digits)}"
+                                f"{_signed(c[diff], digits)}){seeds}")
+            if what == "acc":
+                mine = [c[ours] for c in by_opt.values() if c[ours] is not None]
+                theirs = [c[paper] for c in by_opt.values() if c[paper] is not None]
+                partial = "*" if len(mine) < len(opts) else ""
+                line.append(f"{_fmt(mean(mine) if mine else None, 2)}{partial} "
+                            f"({_fmt(mean(theirs) if theirs else None, 2)})")
+            out.append("| " + " | ".join(line) + " |")
+        if what == "acc" and any("*" in line for line in out[-len(rows):]):
+            out.append("\n\\* average over the optimizers finished so far.")
+        out.append("")
+    return "\n".join(out)
+
+
+def write_figures(db: ResultsDB, runs: list[dict], folder: Path, structure: str | None
+                  ) -> list[str]:
+    """Figures 5-8 as PNG; returns a line per figure saying what was written or skipped."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [_row_name(r) for r in runs]
+    if structure is None:  # structure 1 where the grid has it, else its first structure
+        structure = "1" if "1" in names else names[0]
+    first_seed = min(r["seed"] for r in runs)
+    mine = [r for r, n in zip(runs, names, strict=True)
+            if n == str(structure) and r["seed"] == first_seed]
+
+    def pick(**want) -> list[dict]:
+        return [r for r in mine if all(r[k] == v for k, v in want.items())]
+
+    figures = {
+        "fig5_optimizers_augmented": (
+            f"Structure {structure}: test loss, augmented data",
+            [(r["optimizer"], r) for r in pick(augment=1, normalize=1, tmax=200)]),
+        "fig6_optimizers_not_augmented": (
+            f"Structure {structure}: test loss, non-augmented data",
+            [(r["optimizer"], r) for r in pick(augment=0, normalize=1, tmax=200)]),
+        "fig7_augment_normalize": (
+            f"Structure {structure}, SGD: augmentation x normalisation",
+            [(f"augment {'on' if r['augment'] else 'off'}, normalise "
+              f"{'on' if r['normalize'] else 'off'}", r) for r in pick(optimizer="sgd", tmax=200)]),
+        "fig8_tmax": (
+            f"Structure {structure}, SGD: cosine T_max",
+            [(f"T_max {r['tmax']}" if r["tmax"] else "no schedule", r)
+             for r in pick(optimizer="sgd", augment=1, normalize=1)]),
+    }
+    notes = []
+    for name, (title, curves) in figures.items():
+        curves = [(lab, r, db.epochs(r["run_id"])) for lab, r in curves]
+        curves = [(lab, r, eps) for lab, r, eps in curves if eps]
+        if name == "fig7_augment_normalize" and len(curves) < 2:
+            curves = []  # one curve is not a comparison
+        if name == "fig8_tmax" and len({r["tmax"] for _, r, _ in curves}) < 2:
+            curves = []
+        if not curves:
+            notes.append(f"{name}: skipped (no runs of it in these results)")
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for label, _r, eps in curves:
+            ax.plot([e.epoch for e in eps], [e.test_loss for e in eps], label=label, lw=1.2)
+        ax.set(title=title, xlabel="epoch", ylabel="test loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = folder / f"{name}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        notes.append(f"{name}: {path} ({len(curves)} curves)")
+    return notes
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m fastres.report", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--results", default="runs")
+    ap.add_argument("--format", choices=("markdown", "csv", "json"), default="markdown")
+    ap.add_argument("--protocol", help="report this protocol id (default: the one with most runs)")
+    ap.add_argument("--figures", help="folder for the PNG figures (default RESULTS/figures)")
+    ap.add_argument("--no-figures", action="store_true")
+    ap.add_argument("--structure", help="structure of Figures 5-8: a Table 1 number or a spec "
+                    "in brackets as the tables show it (default 1, else the first)")
+    args = ap.parse_args(argv)
+    try:
+        if not (Path(args.results) / DB_NAME).is_file():
+            raise ResultsError(f"{args.results} holds no fastres results ({DB_NAME} is missing)")
+        db = ResultsDB(args.results)
+        chosen, runs, others = choose_protocol(db.runs(), args.protocol)
+    except ResultsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cells = table_cells(runs)
+    protocol = json.loads(runs[0]["protocol"])
+    notes = [f"protocol {chosen}: {protocol['epochs']} epochs, data {protocol['data_kind']} "
+             f"{protocol.get('data_source', '')}"
+             + (f", train subset {protocol['train_subset']}" if protocol["train_subset"] else "")
+             + (f", test subset {protocol['test_subset']}" if protocol["test_subset"] else "")]
+    if protocol["data_kind"] == "synthetic":
+        notes.append("WARNING: trained on SYNTHETIC (made-up) data: not comparable to the paper")
+    if others:
+        notes.append(f"other protocols in this folder (not mixed in): {', '.join(others)}; "
+                     "choose one with --protocol")
+    finished = sum(r["status"] in FINISHED for r in runs)
+    notes.append(f"{finished}/{len(runs)} runs finished")
+    if not args.no_figures:
+        fig_dir = Path(args.figures) if args.figures else Path(args.results) / "figures"
+        notes += write_figures(db, runs, fig_dir, args.structure)
+    if args.format == "json":
+        print(json.dumps({"protocol": chosen, "notes": notes, "cells": cells}, indent=2))
+    elif args.format == "csv":
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(cells[0]) if cells else ["structure"])
+        w.writeheader()
+        w.writerows(cells)
+        print(buf.getvalue(), end="")
+        for n in notes:
+            print(f"# {n}", file=sys.stderr)
+    else:
+        print("\n".join(f"- {n}" for n in notes) + "\n")
+        print(markdown(cells, "acc"))
+        print(markdown(cells, "epoch"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
