@@ -64,13 +64,16 @@ class ResNet(nn.Module):
 
 
 def build(spec: ResNetSpec, kernels: str = "eager") -> ResNet:
-    """The model for `spec`. kernels="eager" is the PyTorch reference path."""
+    """The model for `spec`. kernels="eager" is the PyTorch reference path; "triton" runs the
+    same modules on fastres.kernels (a RuntimeError where Triton cannot run)."""
     if kernels not in KERNELS:
         raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
     if kernels == "triton":
-        raise NotImplementedError(
-            "kernels='triton' needs the fused Triton blocks, which are not in this build yet; "
-            "use kernels='eager'")
+        # Same modules, so the same state_dict; raises where Triton cannot run (no silent
+        # fall-back to eager).
+        from fastres.kernels.model import build_triton
+
+        return build_triton(spec)
     return ResNet(spec)
 
 

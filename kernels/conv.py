@@ -1,0 +1,180 @@
+"""Convolution as an implicit GEMM in Triton, with BatchNorm's statistics in its epilogue.
+
+x is NCHW in channels-last memory (so an NHWC array), the weight is repacked to
+(KH, KW, C_in, C_out), and the output is the (M = N*OH*OW, C_out) matrix
+    out[m, co] = sum over (kh, kw, ci) of x[n, oh*s - p + kh, ow*s - p + kw, ci] * w[kh, kw, ci, co]
+computed tile by tile: each program owns BLOCK_M output pixels x BLOCK_N output channels and
+loads its A tiles straight from x (zeros where the window hangs over the padding), so no im2col
+buffer is ever written. While the finished tile is still in registers the epilogue reduces it
+per channel to (sum, sum of squared deviations from the tile's mean): the Partials that
+kernels/batchnorm.py merges, so BatchNorm needs no pass over the output to find its statistics.
+
+Backward: aten's convolution_backward, which is cuDNN's dgrad and wgrad on the GPU. Why not
+Triton: the fused statistic is a forward-only saving; the two backward GEMMs have nothing to fuse
+(BatchNorm's backward already produced their input), and cuDNN's per-shape tuned kernels are at
+least as fast as an implicit GEMM we would have to tune for every shape of the nine structures.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from fastres.kernels._common import (
+    INTERPRET,
+    check_device,
+    define_op,
+    empty,
+    launch,
+    next_pow2,
+    nhwc,
+)
+from fastres.kernels.batchnorm import Partials
+
+
+def out_size(size: int, kernel: int, padding: int, stride: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def config(m: int, c_in: int, c_out: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K) for an (m x c_out) output over c_in input channels; a pure
+    function of the shape so the fake (meta) implementation knows the partials' shape."""
+    block_n = min(max(16, next_pow2(c_out)), 128)
+    block_k = min(max(16, next_pow2(c_in)), 64)
+    block_m = 128 if m >= 128 * 264 else 64  # keep >= 2 waves of programs on 132 SMs
+    return block_m, block_n, block_k
+
+
+@triton.jit
+def _conv_fwd_kernel(x_ptr, w_ptr, out_ptr, psum_ptr, pm2_ptr,
+                     H, W, C_IN, OH, OW, C_OUT, M,
+                     STRIDE: tl.constexpr, PAD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                     STATS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < M
+    cmask = cols < C_OUT
+    img = rows // (OH * OW)
+    pix = rows % (OH * OW)
+    ih0 = (pix // OW) * STRIDE - PAD
+    iw0 = (pix % OW) * STRIDE - PAD
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for kh in range(KH):
+        ih = ih0 + kh
+        hok = rmask & (ih >= 0) & (ih < H)
+        for kw in range(KW):
+            iw = iw0 + kw
+            ok = hok & (iw >= 0) & (iw < W)
+            base = ((img.to(tl.int64) * H + ih) * W + iw) * C_IN
+            wbase = (kh * KW + kw) * C_IN
+            for c0 in range(0, C_IN, BLOCK_K):
+                ci = c0 + ks
+                kmask = ci < C_IN
+                a = tl.load(x_ptr + base[:, None] + ci[None, :],
+                            mask=ok[:, None] & kmask[None, :], other=0.0)
+                b = tl.load(w_ptr + (wbase + ci)[:, None] * C_OUT + cols[None, :],
+                            mask=kmask[:, None] & cmask[None, :], other=0.0)
+                if UPCAST:
+                    # The interpreter's dot multiplies bf16 bit patterns as integers; in fp32
+                    # the products are exact, so this is the GPU's bf16 MMA math.
+                    a = a.to(tl.float32)
+                    b = b.to(tl.float32)
+                acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    out = acc.to(out_ptr.dtype.element_ty)
+    mask = rmask[:, None] & cmask[None, :]
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * C_OUT + cols[None, :], out, mask=mask)
+    if STATS:
+        # Statistics of the stored (rounded) values, as eager BatchNorm reads them.
+        v = tl.where(mask, out.to(tl.float32), 0.0)
+        n = tl.sum(rmask.to(tl.float32), axis=0)
+        s = tl.sum(v, axis=0)
+        d = tl.where(mask, v - (s / n)[None, :], 0.0)
+        tl.store(psum_ptr + pid_m * C_OUT + cols, s, mask=cmask)
+        tl.store(pm2_ptr + pid_m * C_OUT + cols, tl.sum(d * d, axis=0), mask=cmask)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 follows cuDNN's own setting, so the reference conv and this one round alike.
+    if dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
+        return "ieee"
+    return "tf32" if dtype == torch.float32 else "ieee"
+
+
+def _shapes(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int):
+    n, c_in, h, w = x.shape
+    c_out, c_in_w, kh, kw = weight.shape
+    if c_in_w != c_in:
+        raise ValueError(f"weight has {c_in_w} input channels, x has {c_in}")
+    oh, ow = out_size(h, kh, padding, stride), out_size(w, kw, padding, stride)
+    if oh < 1 or ow < 1:
+        raise ValueError(f"a {kh}x{kw} kernel with padding {padding} leaves no output of a "
+                         f"{h}x{w} input")
+    m = n * oh * ow
+    block_m, block_n, block_k = config(m, c_in, c_out)
+    return n, c_in, h, w, c_out, kh, kw, oh, ow, m, block_m, block_n, block_k
+
+
+def _fwd_impl(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, stats: bool
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    check_device(x)
+    n, c_in, h, w, c_out, kh, kw, oh, ow, m, block_m, block_n, block_k = _shapes(
+        x, weight, stride, padding)
+    if weight.dtype != x.dtype:
+        raise TypeError(f"conv input is {x.dtype} but weight is {weight.dtype}")
+    w_packed = weight.permute(2, 3, 1, 0).contiguous()  # (KH, KW, C_in, C_out)
+    out = empty((n, oh, ow, c_out), x.dtype, x.device)
+    g = triton.cdiv(m, block_m) if stats else 0
+    psum = empty((g, c_out), torch.float32, x.device)
+    pm2 = empty((g, c_out), torch.float32, x.device)
+    launch(_conv_fwd_kernel)[(triton.cdiv(m, block_m), triton.cdiv(c_out, block_n))](
+        nhwc(x), w_packed, out, psum, pm2, h, w, c_in, oh, ow, c_out, m,
+        STRIDE=stride, PAD=padding, KH=kh, KW=kw, STATS=stats, PRECISION=_precision(x.dtype),
+        UPCAST=INTERPRET and x.dtype == torch.bfloat16, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_K=block_k)
+    return out.permute(0, 3, 1, 2), psum, pm2
+
+
+def _fwd_fake(x, weight, stride, padding, stats):
+    n, _c_in, _h, _w, c_out, _kh, _kw, oh, ow, m, block_m, _bn, _bk = _shapes(
+        x, weight, stride, padding)
+    g = triton.cdiv(m, block_m) if stats else 0
+    out = x.new_empty((n, oh, ow, c_out)).permute(0, 3, 1, 2)
+    return (out, x.new_empty((g, c_out), dtype=torch.float32),
+            x.new_empty((g, c_out), dtype=torch.float32))
+
+
+_fwd_op = define_op("conv2d_stats", _fwd_impl, _fwd_fake)
+
+
+def _setup(ctx, inputs, output) -> None:
+    x, weight, stride, padding, _stats = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.stride, ctx.padding = stride, padding
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _backward(ctx, grad_out: torch.Tensor, _gsum, _gm2):
+    x, weight = ctx.saved_tensors
+    s, p = ctx.stride, ctx.padding
+    dx, dw, _ = torch.ops.aten.convolution_backward(
+        grad_out, x, weight, None, [s, s], [p, p], [1, 1], False, [0, 0], 1,
+        [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False])
+    return dx, dw, None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup)
+
+
+def conv2d(x: torch.Tensor, weight: torch.Tensor, stride: int = 1, padding: int = 0,
+           stats: bool = True) -> tuple[torch.Tensor, Partials | None]:
+    """F.conv2d(x, weight, stride=stride, padding=padding) (no bias, square stride/padding) on the
+    implicit-GEMM kernel; with `stats`, also the output's per-channel Partials for BatchNorm."""
+    out, psum, pm2 = _fwd_op(x, weight, stride, padding, stats)
+    if not stats:
+        return out, None
+    return out, Partials(psum, pm2, config(out.shape[0] * out.shape[2] * out.shape[3],
+                                           x.shape[1], weight.shape[0])[0])

@@ -1,0 +1,84 @@
+"""The paper's ResNet on the Triton kernels.
+
+`TritonResNet` is the eager `fastres.models.ResNet` with the same modules (so the same
+state_dict keys, shapes and weights) and a different forward: every conv -> BN (-> + shortcut)
+-> ReLU runs as the implicit-GEMM convolution, whose epilogue yields BN's batch statistics, and
+one fused BN + add + ReLU kernel. The average pool and the linear head stay on PyTorch: they
+are a few kilobytes per batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastres.kernels._common import triton_available, unavailable_reason
+from fastres.kernels.batchnorm import batch_norm_act
+from fastres.kernels.conv import conv2d
+from fastres.models import BasicBlock, ResNet
+from fastres.structures import ResNetSpec
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    # Under autocast the eager model's convs run in the autocast dtype; do the same here
+    # explicitly (custom ops are not autocast-aware), and keep BN's parameters in fp32.
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def conv_bn_act(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d,
+                residual: torch.Tensor | None = None, relu: bool = True) -> torch.Tensor:
+    """relu(bn(conv(x)) + residual) with the modules' own parameters and buffers."""
+    if conv.bias is not None or conv.groups != 1 or conv.dilation != (1, 1):
+        raise ValueError("the Triton conv takes bias-free, ungrouped, undilated convolutions")
+    stride, padding = conv.stride[0], conv.padding[0]
+    if conv.stride != (stride, stride) or conv.padding != (padding, padding):
+        raise ValueError("the Triton conv takes square strides and paddings")
+    out, partials = conv2d(x, conv.weight.to(x.dtype), stride, padding, stats=bn.training)
+    return batch_norm_act(out, bn, residual, relu, partials)
+
+
+def block_forward(block: BasicBlock, x: torch.Tensor) -> torch.Tensor:
+    out = conv_bn_act(x, block.conv1, block.bn1)
+    if len(block.shortcut) == 0:
+        shortcut = x
+    else:
+        shortcut = conv_bn_act(x, block.shortcut[0], block.shortcut[1], relu=False)
+    return conv_bn_act(out, block.conv2, block.bn2, residual=shortcut)
+
+
+class TritonResNet(ResNet):
+    """ResNet whose forward runs on fastres.kernels; its parameters and buffers are the eager
+    model's, so one state_dict loads into either."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(_compute_dtype(x)).contiguous(memory_format=torch.channels_last)
+        out = conv_bn_act(x, self.conv1, self.bn1)
+        for i in range(self.spec.N):
+            for block in getattr(self, f"layer{i + 1}"):
+                out = block_forward(block, out)
+        out = F.avg_pool2d(out, out.shape[-2:]).flatten(1)
+        return self.linear(out)
+
+    def explain_kernels(self) -> list[str]:
+        """One line per conv -> BN layer: which kernel runs it (all Triton: no layer falls back
+        to cuDNN in this version, since there is no per-layer GPU measurement to choose by)."""
+        lines = []
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Conv2d):
+                k, s, p = m.kernel_size[0], m.stride[0], m.padding[0]
+                lines.append(f"{name}: {m.in_channels}->{m.out_channels} k{k} s{s} p{p}: "
+                             "triton implicit-GEMM conv + BN stats epilogue, "
+                             "triton BN+add+ReLU; backward aten convolution_backward (cuDNN)")
+        return lines
+
+
+def build_triton(spec: ResNetSpec, device: torch.device | str | None = None) -> TritonResNet:
+    """The Triton model for `spec`; a RuntimeError, never a silent eager fall-back, where the
+    kernels cannot run on `device` (default: the CUDA GPU if there is one, else the CPU)."""
+    if not triton_available(device):
+        raise RuntimeError(f"kernels='triton' is not available: {unavailable_reason(device)}; "
+                           "use kernels='eager'")
+    return TritonResNet(spec)
