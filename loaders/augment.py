@@ -1,7 +1,8 @@
 """Crop, flip and normalise on the device, from a uint8 NHWC batch to float channels-last NCHW.
 
-Plain torch ops (one gather, one fused-by-the-allocator affine): the Triton version lives in
-kernels/. The random parameters are drawn separately so tests can feed their own.
+Plain torch ops (one gather, one fused-by-the-allocator affine); the single-pass Triton version
+is fastres.kernels.augment, which DeviceAugment uses for CUDA tensors (backend="auto"). The
+random parameters are drawn separately so tests can feed their own.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
 PAD = 4
+BACKENDS = ("auto", "torch", "triton")
 
 
 @dataclass(frozen=True)
@@ -74,9 +76,25 @@ class DeviceAugment:
     flip: bool = True
     normalize: bool = True
     dtype: torch.dtype = torch.float32
+    # "torch": the plain ops above; "triton": fastres.kernels.augment (one pass, an error where
+    # Triton cannot run); "auto": triton for CUDA tensors, torch otherwise. Both draw the same
+    # random parameters from the generator, so a seed gives the same crops either way.
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+
+    def uses_triton(self, device: torch.device) -> bool:
+        return self.backend == "triton" or (self.backend == "auto" and device.type == "cuda")
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None
                  ) -> torch.Tensor:
+        if self.uses_triton(images.device):
+            from fastres.kernels.augment import augment
+
+            p = random_params(images.shape[0], self.crop, self.flip, images.device, generator)
+            return augment(images, p.dy, p.dx, p.flip, self.dtype, self.normalize, pad=PAD)
         if self.crop or self.flip:
             p = random_params(images.shape[0], self.crop, self.flip, images.device, generator)
             images = crop_flip(images, p)

@@ -1,0 +1,151 @@
+"""fastres.kernels.batchnorm against eager F.batch_norm (+ add) (+ ReLU), forward and backward.
+
+Reference: eager PyTorch autograd in fp32 on the same input values (bf16 inputs upcast), with an
+nn.BatchNorm2d holding the same parameters and buffers. Tolerances:
+  fp32  y, dx, dres: rtol 1e-5, atol 1e-5; dweight, dbias: rtol 1e-4, atol 1e-4 (sums over N*H*W)
+  bf16  y, dx, dres: rtol 2**-6, atol 2e-2 (two bf16 roundings: the output, and before the add as
+        eager's separate kernels do); dweight, dbias: rtol 1e-3, atol 1e-2 (fp32 sums of bf16)
+  running statistics, either dtype: rtol 1e-5, atol 1e-6.
+In bf16 a ReLU input within rounding of 0 may fall on either side, which changes gradients by a
+whole dy; the bf16 inputs are therefore made so no pre-activation lies within 0.1 of 0.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from fastres.kernels import batchnorm
+from fastres.kernels._common import poison_outputs
+
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+TOL = {torch.float32: (dict(rtol=1e-5, atol=1e-5), dict(rtol=1e-4, atol=1e-4)),
+       torch.bfloat16: (dict(rtol=2**-6, atol=2e-2), dict(rtol=1e-3, atol=1e-2))}
+STATS_TOL = dict(rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(autouse=True)
+def poisoned():
+    with poison_outputs():
+        yield
+
+
+def channels_last(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def make_case(shape, dtype, residual: bool, relu: bool, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    n, c, h, w = shape
+    x = torch.randn(shape, generator=g) * 1.5 + torch.randn(c, 1, 1, generator=g) * 3
+    weight = torch.rand(c, generator=g) + 0.5
+    bias = torch.randn(c, generator=g) * 0.5
+    res = torch.randn(shape, generator=g) if residual else None
+    if dtype == torch.bfloat16 and relu:
+        if residual:
+            # Push the pre-activation out of (-0.1, 0.1) through the residual.
+            x = x.to(dtype).float()
+            z = F.batch_norm(x, None, None, weight, bias, True) + res
+            res = res + torch.where(z.abs() < 0.1, torch.where(z < 0, -0.2, 0.2), 0.0)
+        else:
+            # Bimodal x with a gap around each channel's mean, and no bias: z = w * xhat
+            # stays away from 0.
+            x = torch.randn(c, 1, 1, generator=g) * 3 + torch.sign(x - x.mean((0, 2, 3), True)) \
+                * (1 + torch.rand(shape, generator=g))
+            bias = torch.zeros(c)
+    to = lambda t: None if t is None else channels_last(t.to(dtype)).to(DEV)  # noqa: E731
+    return to(x), to(res), weight.to(DEV), bias.to(DEV)
+
+
+def bn_module(c, weight, bias, seed):
+    bn = torch.nn.BatchNorm2d(c).to(DEV)
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        bn.weight.copy_(weight)
+        bn.bias.copy_(bias)
+        bn.running_mean.copy_(torch.randn(c, generator=g))
+        bn.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+    return bn
+
+
+def run_pair(x, res, weight, bias, relu, training, seed, grad_seed):
+    """(kernel outputs, reference outputs): y, dx, dres, dw, db and the two BN modules."""
+    c = x.shape[1]
+    bk, br = bn_module(c, weight, bias, seed), bn_module(c, weight, bias, seed)
+    bk.train(training)
+    br.train(training)
+    xk = x.clone().requires_grad_()
+    rk = res.clone().requires_grad_() if res is not None else None
+    yk = batchnorm.batch_norm_act(xk, bk, rk, relu)
+    xr = x.float().requires_grad_()
+    rr = res.float().requires_grad_() if res is not None else None
+    yr = br(xr)
+    if rr is not None:
+        yr = yr + rr
+    if relu:
+        yr = F.relu(yr)
+    dy = torch.randn(yr.shape, generator=torch.Generator().manual_seed(grad_seed)).to(DEV)
+    yk.backward(channels_last(dy.to(x.dtype)))
+    yr.backward(dy.to(x.dtype).float())
+    out_k = (yk, xk.grad, rk.grad if rk is not None else None, bk.weight.grad, bk.bias.grad)
+    out_r = (yr, xr.grad, rr.grad if rr is not None else None, br.weight.grad, br.bias.grad)
+    return out_k, out_r, bk, br
+
+
+SHAPES = [(1, 3, 32, 32), (2, 10, 16, 16), (3, 24, 8, 8), (4, 24, 4, 4), (2, 10, 7, 7),
+          (2, 130, 3, 3)]
+VARIANTS = [(True, True), (False, True), (False, False), (True, False)]  # (residual, relu)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("variant", VARIANTS, ids=["add-relu", "relu", "bn", "add"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_training_matches_eager(shape, variant, dtype):
+    residual, relu = variant
+    seed = hash((shape, variant)) % 1000
+    x, res, w, b = make_case(shape, dtype, residual, relu, seed)
+    (yk, *gk), (yr, *gr), bk, br = run_pair(x, res, w, b, relu, True, seed, seed + 1)
+    act, par = TOL[dtype]
+    assert yk.dtype == dtype and yk.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(yk.float(), yr, **act)
+    names = ("dx", "dres", "dweight", "dbias")
+    for name, k, r, tol in zip(names, gk, gr, (act, act, par, par), strict=True):
+        if r is None:
+            assert k is None, name
+            continue
+        torch.testing.assert_close(k.float(), r, **tol, msg=lambda m, n=name: f"{n}: {m}")
+    torch.testing.assert_close(bk.running_mean, br.running_mean, **STATS_TOL)
+    torch.testing.assert_close(bk.running_var, br.running_var, **STATS_TOL)
+    assert bk.num_batches_tracked.item() == br.num_batches_tracked.item() == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_eval_uses_running_stats(dtype):
+    x, res, w, b = make_case((2, 24, 5, 5), dtype, True, True, 7)
+    (yk, *gk), (yr, *gr), bk, br = run_pair(x, res, w, b, True, False, 7, 8)
+    act, par = TOL[dtype]
+    torch.testing.assert_close(yk.float(), yr, **act)
+    for k, r, tol in zip(gk, gr, (act, act, par, par), strict=True):
+        torch.testing.assert_close(k.float(), r, **tol)
+    # Eval leaves the buffers alone.
+    torch.testing.assert_close(bk.running_mean, br.running_mean, rtol=0, atol=0)
+    assert bk.num_batches_tracked.item() == 0
+
+
+def test_many_partials_and_repeated_steps(monkeypatch):
+    """Several tiles per program and several programs per channel (the GPU's layout at batch
+    128, forced at a small shape), and running statistics over three steps with a large mean
+    (where E[x^2] - E[x]^2 would lose digits)."""
+    monkeypatch.setattr(batchnorm, "_TARGET_PARTIALS", 2)
+    c = 5
+    bk = torch.nn.BatchNorm2d(c).to(DEV)
+    br = torch.nn.BatchNorm2d(c).to(DEV)
+    for step in range(3):
+        g = torch.Generator().manual_seed(step)
+        x = channels_last(torch.randn(3, c, 20, 20, generator=g) + 300.0).to(DEV)
+        assert batchnorm._iters(3 * 20 * 20, batchnorm._tiles(1200, c)[0]) > 1
+        yk = batchnorm.batch_norm_act(x, bk, None, relu=False)
+        yr = br(x)
+        # x's own fp32 ulp at 300 is 3e-5, so (x - mean) carries ~1e-4 in either path.
+        torch.testing.assert_close(yk, yr, rtol=1e-4, atol=5e-4)
+    torch.testing.assert_close(bk.running_mean, br.running_mean, **STATS_TOL)
+    torch.testing.assert_close(bk.running_var, br.running_var, rtol=1e-4, atol=1e-5)
+    assert bk.num_batches_tracked.item() == 3
