@@ -1,0 +1,144 @@
+#!/usr/bin/env bash
+# Everything this project measures on a GPU, in one call of about 8 minutes, on a machine that has
+# Python 3.12 with torch and triton, no network, and nothing of ours. Prepare what travels here
+# first (bash benchmarks/prepare_device.sh -> device/), then, through the device tool:
+#
+#   run(command="bash benchmarks/device_check.sh", carry=["device"], timeout_s=560)
+#
+# Steps, each bounded by `timeout` and none fatal to the rest: install the ffcv wheels from
+# device/wheels and fastres from this checkout; the kernel equivalence tests natively on the GPU;
+# benchmarks/kernels.py; loader.py over the training set; epoch_time.py for structure 1, each
+# rung in its own process (a few epochs per rung). Raw outputs go under $OUT: the log, the
+# JSON + Markdown of loader and epoch_time, and one tarball of everything else (the device tool
+# returns at most 8 files). If ffcv does not install, the rungs and loaders that need it say so
+# in their rows and the rest still run.
+#
+# Knobs (environment): BUDGET_S (default 500, the whole script), EPOCHS (measured epochs per
+# rung, 2), RUNG_BUDGET (seconds per rung, 45), STRUCTURES (1), TO_BEST=1 adds the 200-epoch run
+# (structure 1, SGD) if the budget still allows it, PY (python3), SMOKE=1 passes --smoke to the
+# benchmarks (a dry run of this script on a CPU machine).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+OUT=${OUT:-/tmp/device_check_out}
+RAW=$OUT/raw
+mkdir -p "$RAW"
+PY=${PY:-python3}
+BUDGET_S=${BUDGET_S:-500}
+EPOCHS=${EPOCHS:-2}
+RUNG_BUDGET=${RUNG_BUDGET:-45}
+STRUCTURES=${STRUCTURES:-1}
+SMOKE_FLAG=(); [ "${SMOKE:-0}" = 1 ] && SMOKE_FLAG=(--smoke)
+START=$(date +%s)
+export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
+export FASTRES_CACHE=${FASTRES_CACHE:-/tmp/fastres-cache}
+exec > >(tee -a "$OUT/device_check.log") 2>&1
+
+left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
+step() { echo; echo "=== [$(( $(date +%s) - START )) s] $*"; }
+# bounded STEP_SECONDS LOGFILE CMD...: run with a timeout that never passes the script's budget.
+bounded() {
+  local want=$1 logf=$2; shift 2
+  local l; l=$(left)
+  local t=$(( want < l - 15 ? want : l - 15 ))
+  if [ "$t" -lt 20 ]; then echo "[device_check] skipped (budget spent): $*"; return 124; fi
+  timeout --kill-after=10 "$t" "$@" 2>&1 | tee "$logf"
+  local rc=${PIPESTATUS[0]}
+  echo "[device_check] rc=$rc after <= ${t}s: $*"
+  return "$rc"
+}
+
+step "machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv || true
+"$PY" - <<'EOF' || true
+import platform, sys, torch
+print("python", platform.python_version(), sys.executable)
+print("torch", torch.__version__, "cuda", torch.version.cuda,
+      "available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    print("device", torch.cuda.get_device_name(), torch.cuda.get_device_capability())
+try:
+    import triton; print("triton", triton.__version__)
+except Exception as e:
+    print("triton missing:", e)
+for m in ("numba", "llvmlite", "numpy", "cv2", "cupy", "torchvision", "PIL"):
+    try:
+        mod = __import__(m); print(m, getattr(mod, "__version__", "?"))
+    except Exception as e:
+        print(m, "missing:", type(e).__name__, e)
+EOF
+git -C "$ROOT" log -1 --oneline 2>/dev/null || echo "(no git metadata travelled)"
+
+step "install ffcv (device/wheels) and fastres (this checkout)"
+SITE=/tmp/fastres-site
+mkdir -p "$SITE"
+if ls device/wheels/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target "$SITE" device/wheels/*.whl || echo "[device_check] ffcv wheels did not install"
+else
+  echo "[device_check] no device/wheels: run benchmarks/prepare_device.sh here and carry device/"
+fi
+# fastres maps fastres.loaders/.kernels onto top-level folders: build it as the pyproject says,
+# else lay the same tree out by hand (no build tools needed).
+if ! "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir \
+    --target "$SITE" . >"$RAW/pip_fastres.log" 2>&1; then
+  echo "[device_check] pip could not build fastres (see raw/pip_fastres.log); copying the tree"
+  rm -rf "$SITE/fastres"
+  cp -r fastres "$SITE/fastres" && cp -r loaders "$SITE/fastres/loaders" \
+    && cp -r kernels "$SITE/fastres/kernels"
+fi
+export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
+FFCV_OK=0
+if "$PY" -c "import ffcv.loader, ffcv.writer, ffcv.transforms; print('ffcv', ffcv.__file__)"; then
+  FFCV_OK=1
+else
+  echo "[device_check] ffcv does not import: its rungs and loaders will say so and be skipped"
+fi
+"$PY" -c "import fastres, fastres.loaders.augment, fastres.kernels; print('fastres', fastres.__file__)" \
+  || echo "[device_check] fastres does not import: the steps below will fail"
+
+DATA=${FASTRES_DATA:-$ROOT/device/data/cifar10-jpeg.tar.gz}
+if [ -f "$DATA" ]; then export FASTRES_DATA=$DATA; else
+  echo "[device_check] no data at $DATA: the benchmarks will say so"; fi
+
+step "kernel equivalence tests, natively on the GPU (no TRITON_INTERPRET)"
+unset TRITON_INTERPRET
+shopt -s nullglob
+ktests=(tests/test_kernels_*.py)
+if [ ${#ktests[@]} -gt 0 ]; then
+  bounded 150 "$RAW/kernel_tests.log" "$PY" -m pytest -q -p no:cacheprovider "${ktests[@]}"
+else
+  echo "[device_check] no tests/test_kernels_*.py in this checkout"
+fi
+
+step "benchmarks/kernels.py"
+if [ -f benchmarks/kernels.py ]; then
+  # shellcheck disable=SC2086
+  bounded 90 "$RAW/kernels.log" "$PY" benchmarks/kernels.py ${KERNELS_ARGS:-}
+else
+  echo "[device_check] no benchmarks/kernels.py in this checkout"
+fi
+
+step "benchmarks/loader.py (training set, 3 passes)"
+bounded 120 "$RAW/loader.log" "$PY" benchmarks/loader.py --epochs 3 "${SMOKE_FLAG[@]}" \
+  --json "$OUT/loader.json" --md "$OUT/loader.md"
+
+step "benchmarks/epoch_time.py structure $STRUCTURES, every rung in its own process"
+bounded 400 "$RAW/epoch_time.log" "$PY" benchmarks/epoch_time.py --structures "$STRUCTURES" \
+  --isolate --warmup 1 --epochs "$EPOCHS" --rung-budget "$RUNG_BUDGET" "${SMOKE_FLAG[@]}" \
+  --json "$OUT/epoch_time.json" --md "$OUT/epoch_time.md"
+
+if [ "${TO_BEST:-0}" = 1 ]; then
+  step "time to the paper's best: structure 1, SGD, 200 epochs"
+  bounded 600 "$RAW/to_best.log" "$PY" benchmarks/epoch_time.py --to-best --structures 1 \
+    "${SMOKE_FLAG[@]}" \
+    --json "$OUT/to_best.json" --md "$RAW/to_best.md"
+fi
+
+step "summary"
+nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv || true
+for f in "$OUT/loader.md" "$OUT/epoch_time.md" "$RAW/to_best.md"; do
+  [ -f "$f" ] && cat "$f"
+done
+echo "[device_check] ffcv installed: $FFCV_OK; total $(( $(date +%s) - START )) s"
+tar -czf "$OUT/raw.tar.gz" -C "$OUT" raw && rm -rf "$RAW"
