@@ -5,8 +5,10 @@ Registration is picked by device (see the shared toolchain notes): on a CUDA GPU
 `torch.library.triton_op`, so inductor sees the Triton kernels inside it and can schedule around
 them; under `TRITON_INTERPRET=1` on the CPU, `triton_op` fails inside torch.compile (fake-tensor
 tracing reaches the interpreter's data pointers), so the same launcher is wrapped as an opaque
-`torch.library.custom_op` with a fake implementation. `FASTRES_OPAQUE_OPS=1` forces the opaque
-form on a GPU too (a fall-back if a triton_op ever misbehaves under a new torch).
+`torch.library.custom_op` with a fake implementation. `FASTRES_OPS=custom_op` forces the opaque
+form on a GPU (a fall-back if a triton_op ever misbehaves under a new torch), and
+`FASTRES_OPS=triton_op` forces triton_op under the interpreter, where it runs eagerly (a test
+uses it to cover the GPU's registration path on the CPU).
 """
 
 from __future__ import annotations
@@ -20,8 +22,11 @@ import triton
 
 # triton.jit reads TRITON_INTERPRET when a kernel is decorated, so this is fixed at import.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-USE_TRITON_OP = (torch.cuda.is_available() and not INTERPRET
-                 and os.environ.get("FASTRES_OPAQUE_OPS", "0") != "1")
+OPS = os.environ.get("FASTRES_OPS", "auto")
+if OPS not in ("auto", "triton_op", "custom_op"):
+    raise ValueError(f"FASTRES_OPS must be auto, triton_op or custom_op, got {OPS!r}")
+USE_TRITON_OP = OPS == "triton_op" or (OPS == "auto" and torch.cuda.is_available()
+                                       and not INTERPRET)
 
 
 def triton_available(device: torch.device | str | None = None) -> bool:

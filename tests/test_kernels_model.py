@@ -168,3 +168,33 @@ def test_triton_where_it_cannot_run_is_a_clear_error():
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("ERR kernels='triton' is not available"), out.stdout
     assert "TRITON_INTERPRET=1" in out.stdout and "kernels='eager'" in out.stdout
+
+
+@pytest.mark.skipif(GPU, reason="on a GPU the whole suite already runs the triton_op form")
+def test_triton_op_registration_runs_eagerly():
+    """The GPU registers its ops with torch.library.triton_op; run that form here (eagerly:
+    under the interpreter it cannot be compiled) so a slip in it shows up on the CPU too."""
+    code = """if True:
+        import torch, dataclasses, torch.nn.functional as F
+        import fastres.kernels._common as common
+        from fastres.models import build
+        from fastres.structures import STRUCTURES
+        assert common.USE_TRITON_OP
+        spec = dataclasses.replace(STRUCTURES[1], N=2, B=(1, 1), C_in=4)
+        torch.manual_seed(0)
+        e, t = build(spec), build(spec, kernels="triton")
+        t.load_state_dict(e.state_dict())
+        x, y = torch.randn(3, 3, 8, 8), torch.randint(0, 10, (3,))
+        le, lt = F.cross_entropy(e(x), y), F.cross_entropy(t(x), y)
+        le.backward()
+        lt.backward()
+        torch.testing.assert_close(lt, le, rtol=1e-5, atol=1e-5)
+        ge = dict(e.named_parameters())
+        for n, p in t.named_parameters():
+            torch.testing.assert_close(p.grad, ge[n].grad, rtol=1e-3, atol=1e-4)
+        print("OK")
+    """
+    env = {**os.environ, "TRITON_INTERPRET": "1", "FASTRES_OPS": "triton_op"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "OK", out.stderr[-3000:]
