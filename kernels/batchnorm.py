@@ -72,8 +72,8 @@ def _partial_stats_kernel(x_ptr, psum_ptr, pm2_ptr, M, C, ROWS,
 
 @triton.jit
 def _finalize_kernel(psum_ptr, pm2_ptr, mean_ptr, rstd_ptr, rmean_ptr, rvar_ptr,
-                     G, C, M, ROWS, eps, momentum,
-                     UPDATE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr):
+                     G, C, M, ROWS, eps, momentum, bessel,
+                     BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr):
     """Merge G partials into each channel's mean and 1/sqrt(var + eps); update running stats
     like nn.BatchNorm2d: r = (1 - momentum) * r + momentum * stat, var unbiased (M / (M - 1))."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -98,12 +98,10 @@ def _finalize_kernel(psum_ptr, pm2_ptr, mean_ptr, rstd_ptr, rmean_ptr, rvar_ptr,
     var = tl.maximum(m2 / M, 0.0)
     tl.store(mean_ptr + cols, mean, mask=cmask)
     tl.store(rstd_ptr + cols, tl.div_rn(1.0, tl.sqrt_rn(var + eps)), mask=cmask)
-    if UPDATE:
-        rm = tl.load(rmean_ptr + cols, mask=cmask)
-        rv = tl.load(rvar_ptr + cols, mask=cmask)
-        unbiased = m2 / tl.maximum(M - 1, 1)
-        tl.store(rmean_ptr + cols, (1.0 - momentum) * rm + momentum * mean, mask=cmask)
-        tl.store(rvar_ptr + cols, (1.0 - momentum) * rv + momentum * unbiased, mask=cmask)
+    rm = tl.load(rmean_ptr + cols, mask=cmask)
+    rv = tl.load(rvar_ptr + cols, mask=cmask)
+    tl.store(rmean_ptr + cols, (1.0 - momentum) * rm + momentum * mean, mask=cmask)
+    tl.store(rvar_ptr + cols, (1.0 - momentum) * rv + momentum * var * bessel, mask=cmask)
 
 
 @triton.jit
@@ -222,6 +220,10 @@ def _stats_impl(x: torch.Tensor, psum: torch.Tensor | None, pm2: torch.Tensor | 
     check_device(x)
     n, c, h, w = x.shape
     m = n * h * w
+    if m < 2:
+        # nn.BatchNorm2d's own rule: one value per channel has no variance.
+        raise ValueError(f"Expected more than 1 value per channel when training, got input "
+                         f"size {tuple(x.shape)}")
     if psum is None or pm2 is None:
         p = _partial_stats(nhwc(x).view(m, c))
         psum, pm2, rows = p.sums, p.m2, p.rows
@@ -230,7 +232,7 @@ def _stats_impl(x: torch.Tensor, psum: torch.Tensor | None, pm2: torch.Tensor | 
     block_c = min(next_pow2(c), 128)
     launch(_finalize_kernel)[(triton.cdiv(c, block_c),)](
         psum, pm2, mean, rstd, running_mean, running_var, psum.shape[0], c, m, rows, eps,
-        momentum, UPDATE=True, BLOCK_G=32, BLOCK_C=block_c)
+        momentum, m / (m - 1), BLOCK_G=32, BLOCK_C=block_c)
     return mean, rstd
 
 

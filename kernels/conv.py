@@ -63,27 +63,30 @@ def _conv_fwd_kernel(x_ptr, w_ptr, out_ptr, psum_ptr, pm2_ptr,
     iw0 = (pix % OW) * STRIDE - PAD
     ks = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for kh in range(KH):
+    # One flat loop over (tap, channel block) rather than three nested ones: Triton software-
+    # pipelines only a loop's own body, and with C_in <= BLOCK_K the innermost loop would have a
+    # single trip, leaving every load exposed.
+    c_blocks = tl.cdiv(C_IN, BLOCK_K)
+    for step in range(KH * KW * c_blocks):
+        tap = step // c_blocks
+        ci = (step % c_blocks) * BLOCK_K + ks
+        kh = tap // KW
+        kw = tap % KW
         ih = ih0 + kh
-        hok = rmask & (ih >= 0) & (ih < H)
-        for kw in range(KW):
-            iw = iw0 + kw
-            ok = hok & (iw >= 0) & (iw < W)
-            base = ((img.to(tl.int64) * H + ih) * W + iw) * C_IN
-            wbase = (kh * KW + kw) * C_IN
-            for c0 in range(0, C_IN, BLOCK_K):
-                ci = c0 + ks
-                kmask = ci < C_IN
-                a = tl.load(x_ptr + base[:, None] + ci[None, :],
-                            mask=ok[:, None] & kmask[None, :], other=0.0)
-                b = tl.load(w_ptr + (wbase + ci)[:, None] * C_OUT + cols[None, :],
-                            mask=kmask[:, None] & cmask[None, :], other=0.0)
-                if UPCAST:
-                    # The interpreter's dot multiplies bf16 bit patterns as integers; in fp32
-                    # the products are exact, so this is the GPU's bf16 MMA math.
-                    a = a.to(tl.float32)
-                    b = b.to(tl.float32)
-                acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        iw = iw0 + kw
+        ok = rmask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        kmask = ci < C_IN
+        base = ((img.to(tl.int64) * H + ih) * W + iw) * C_IN
+        a = tl.load(x_ptr + base[:, None] + ci[None, :], mask=ok[:, None] & kmask[None, :],
+                    other=0.0)
+        b = tl.load(w_ptr + (tap * C_IN + ci)[:, None] * C_OUT + cols[None, :],
+                    mask=kmask[:, None] & cmask[None, :], other=0.0)
+        if UPCAST:
+            # The interpreter's dot multiplies bf16 bit patterns as integers; in fp32 the
+            # products are exact, so this is the GPU's bf16 MMA math.
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
     out = acc.to(out_ptr.dtype.element_ty)
     mask = rmask[:, None] & cmask[None, :]
     tl.store(out_ptr + rows[:, None].to(tl.int64) * C_OUT + cols[None, :], out, mask=mask)

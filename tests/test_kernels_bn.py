@@ -149,3 +149,12 @@ def test_many_partials_and_repeated_steps(monkeypatch):
     torch.testing.assert_close(bk.running_mean, br.running_mean, **STATS_TOL)
     torch.testing.assert_close(bk.running_var, br.running_var, rtol=1e-4, atol=1e-5)
     assert bk.num_batches_tracked.item() == 3
+
+
+def test_one_value_per_channel_is_an_error_like_eager():
+    x = torch.randn(1, 4, 1, 1, device=DEV)
+    bn = torch.nn.BatchNorm2d(4).to(DEV)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        bn(x)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        batchnorm.batch_norm_act(x, bn)
