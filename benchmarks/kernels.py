@@ -127,7 +127,7 @@ def bench_augment(batch, image, device, dtype, bench, compile_):
     times = (bench(lambda: augment(imgs, p.dy, p.dx, p.flip, dtype)),
              bench(lambda: eager(imgs, p)), bench(lambda: compiled(imgs, p)))
     nbytes = imgs.numel() * (1 + torch.finfo(dtype).bits // 8)
-    return [("augment", f"{batch}x{image}x{image}x3 u8", 1, times, nbytes, "GB/s")]
+    yield ("augment", f"{batch}x{image}x{image}x3 u8", 1, times, nbytes, "GB/s")
 
 
 def bn_add_relu_eager(x, res, w, b, rm, rv):
@@ -147,7 +147,6 @@ def conv_stats_eager(x, w, s, p):
 
 
 def bench_bn(shapes: Counter, device, dtype, bench, compile_):
-    rows = []
     compiled = compile_(bn_add_relu_eager)
     for shape, count in sorted(shapes.items(), key=lambda kv: -kv[0][2]):
         c = shape[1]
@@ -162,14 +161,12 @@ def bench_bn(shapes: Counter, device, dtype, bench, compile_):
         times = tuple(bench(lambda fn=fn, args=args, dy=dy: torch.autograd.grad(
             fn(*args), args[:4], dy)) for fn in (bn_add_relu_triton, bn_add_relu_eager, compiled))
         nbytes = 8 * args[0].numel() * args[0].element_size()
-        rows.append(("bn_add_relu", "x".join(map(str, shape)), count, times, nbytes, "GB/s"))
-    return rows
+        yield ("bn_add_relu", "x".join(map(str, shape)), count, times, nbytes, "GB/s")
 
 
 def bench_conv(shapes: Counter, device, dtype, bench, compile_):
     from fastres.kernels.conv import conv2d, out_size
 
-    rows = []
     compiled = compile_(conv_stats_eager)
     for (n, c_in, h, w_, c_out, k, s, p), count in sorted(shapes.items(),
                                                           key=lambda kv: (-kv[0][2], kv[0][5])):
@@ -182,23 +179,20 @@ def bench_conv(shapes: Counter, device, dtype, bench, compile_):
         oh, ow = out_size(h, k, p, s), out_size(w_, k, p, s)
         flop = 2 * n * oh * ow * c_out * c_in * k * k
         shape = f"{n}x{c_in}x{h}x{w_}->{c_out} k{k}s{s}p{p}"
-        rows.append(("conv_stats", shape, count, times, flop, "TFLOP/s"))
-    return rows
+        yield ("conv_stats", shape, count, times, flop, "TFLOP/s")
 
 
-def fmt_rows(rows, gbs: float, tflops: float) -> list[list[str]]:
-    out = []
-    for kernel, shape, count, (t_tr, t_e, t_c), amount, unit in rows:
-        if unit == "GB/s":
-            rate = amount / (t_tr * 1e-3) / 1e9
-            peak = 100 * rate / gbs
-        else:
-            rate = amount / (t_tr * 1e-3) / 1e12
-            peak = 100 * rate / tflops
-        out.append([kernel, shape, str(count), f"{t_tr:.4f}", f"{t_e:.4f}", f"{t_c:.4f}",
-                    f"{rate:.4g} {unit}", f"{peak:.3g}", f"{t_e / t_tr:.2f}",
-                    f"{t_c / t_tr:.2f}"])
-    return out
+def fmt_row(row, gbs: float, tflops: float) -> str:
+    kernel, shape, count, (t_tr, t_e, t_c), amount, unit = row
+    if unit == "GB/s":
+        rate = amount / (t_tr * 1e-3) / 1e9
+        peak = 100 * rate / gbs
+    else:
+        rate = amount / (t_tr * 1e-3) / 1e12
+        peak = 100 * rate / tflops
+    cells = [kernel, shape, str(count), f"{t_tr:.4f}", f"{t_e:.4f}", f"{t_c:.4f}",
+             f"{rate:.4g} {unit}", f"{peak:.3g}", f"{t_e / t_tr:.2f}", f"{t_c / t_tr:.2f}"]
+    return "| " + " | ".join(cells) + " |"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kernels", nargs="+", default=["augment", "bn", "conv"],
                     choices=["augment", "bn", "conv"])
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run (see above)")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="stop starting new rows after this many seconds (rows print as they "
+                         "finish)")
     args = ap.parse_args(argv)
 
     gpu = torch.cuda.is_available()
@@ -240,7 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# fastres kernel benchmark, {now}, {name}, torch {torch.__version__}, "
           f"{str(dtype).removeprefix('torch.')}, batch {batch}, compile backend {backend}")
     print(f"# command: python benchmarks/kernels.py {' '.join(argv or sys.argv[1:])}".rstrip())
-    print(f"# measured peaks: copy {gbs:.1f} GB/s (read + write), matmul {tflops:.2f} TFLOP/s")
+    print(f"# measured peaks: copy {gbs:.1f} GB/s (read + write), matmul {tflops:.2f} TFLOP/s",
+          flush=True)
+    deadline = time.monotonic() + args.budget_s if args.budget_s else None
     for i in args.structure:
         spec = STRUCTURES[i]
         if args.smoke:
@@ -248,16 +247,23 @@ def main(argv: list[str] | None = None) -> int:
         convs, bns = layer_shapes(spec, batch, image)
         rows = []
         if "augment" in args.kernels:
-            rows += bench_augment(batch, image, device, dtype, bench, compile_)
+            rows.append(bench_augment(batch, image, device, dtype, bench, compile_))
         if "bn" in args.kernels:
-            rows += bench_bn(bns, device, dtype, bench, compile_)
+            rows.append(bench_bn(bns, device, dtype, bench, compile_))
         if "conv" in args.kernels:
-            rows += bench_conv(convs, device, dtype, bench, compile_)
+            rows.append(bench_conv(convs, device, dtype, bench, compile_))
         print(f"\n## structure {i}: {spec}\n")
         print("| " + " | ".join(COLUMNS) + " |")
-        print("|" + "---|" * len(COLUMNS))
-        for r in fmt_rows(rows, gbs, tflops):
-            print("| " + " | ".join(r) + " |")
+        print("|" + "---|" * len(COLUMNS), flush=True)
+        # Rows print as they finish (compiling each shape takes seconds), so a run cut short by
+        # a time limit still leaves what it measured.
+        for gen in rows:
+            for row in gen:
+                print(fmt_row(row, gbs, tflops), flush=True)
+                if deadline is not None and time.monotonic() > deadline:
+                    print(f"\n# --budget-s {args.budget_s} reached: the remaining rows are "
+                          "not measured")
+                    return 0
     return 0
 
 

@@ -27,8 +27,14 @@ GPU = DEV.type == "cuda"
 
 @pytest.fixture(autouse=True)
 def poisoned():
-    with poison_outputs():
-        yield
+    # IEEE fp32 on both sides on a GPU (the Triton conv follows cuDNN's TF32 setting).
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with poison_outputs():
+            yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 def pair(spec, seed=0):
