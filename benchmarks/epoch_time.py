@@ -592,7 +592,8 @@ def render(result: dict) -> str:
     env, ceil = result["environment"], result["ceilings"]
     lines = [f"# epoch_time: {env['device_name']} ({env['device']}), {env['date']}", "",
              f"Command: `{env['command']}`  ", f"Mode: {result['mode']}; torch {env['torch']}, "
-             f"python {env['python']}, git {env['git_commit']}, {env['cpu_cores']} cores  ",
+             f"python {env['python']}, git {env['git_commit']}, {env['cpu_cores']} cores, "
+             f"load average {C.fmt(env.get('load_average_1m'), '.2f')} at start  ",
              f"Measured here: matmul fp32 {C.fmt(ceil.get('matmul_fp32_tflops'))} TFLOP/s, "
              f"bf16 {C.fmt(ceil.get('matmul_bf16_tflops'))} TFLOP/s "
              f"(n={ceil['matmul_n']}); copy {C.fmt(ceil['copy_gbps'])} GB/s; "
@@ -603,7 +604,7 @@ def render(result: dict) -> str:
                   f"{s['params']:,} parameters, {s['gflop_per_image']:.4g} GFLOP/image forward; "
                   f"{r0['n_train']:,} train + {r0['n_test']:,} test images per epoch = "
                   f"{r0['epoch_tflop']:.4g} TFLOP; floor {r0['floor_s']:.4g} s/epoch", "",
-                  C.markdown_table(s["rows"], COLUMNS), ""]
+                  C.markdown_table(sorted(s["rows"], key=lambda r: r["rung"]), COLUMNS), ""]
     if result.get("to_best"):
         b = result["to_best"]
         lines += ["## Time to the paper's best", "", "```", json.dumps(
@@ -622,7 +623,7 @@ def parse_rungs(text: str) -> list[int]:
     bad = [r for r in out if r not in RUNGS]
     if bad:
         raise argparse.ArgumentTypeError(f"rungs are 1..{max(RUNGS)}, got {bad}")
-    return out
+    return list(dict.fromkeys(out))  # run in the order given (tables sort by rung)
 
 
 def make_setup(args, label: str, spec) -> Setup:
@@ -632,7 +633,7 @@ def make_setup(args, label: str, spec) -> Setup:
     return s
 
 
-def run_isolated(args, label: str, spec, rung: int) -> dict:
+def run_isolated(args, label: str, spec, rung: int, left: float | None) -> dict:
     """One rung in a child process, so a CUDA error or a stuck graph cannot spoil the rest."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "row.json"
@@ -646,11 +647,17 @@ def run_isolated(args, label: str, spec, rung: int) -> dict:
                 cmd += [f"--{flag.replace('_', '-')}", str(v)]
         if args.smoke:
             cmd.append("--smoke")
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.rung_timeout)
+        limit = args.rung_timeout if left is None else min(args.rung_timeout, left)
+        name, adds = RUNGS[rung]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
+        except subprocess.TimeoutExpired:
+            return {"structure": label, "rung": rung, "name": name, "adds": adds,
+                    "status": "failed", "epochs": [],
+                    "reason": f"stopped after {limit:.0f} s (--rung-timeout / --deadline)"}
         if out.is_file():
             return json.loads(out.read_text())
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        name, adds = RUNGS[rung]
         return {"structure": label, "rung": rung, "name": name, "adds": adds, "status": "failed",
                 "reason": f"child exited {proc.returncode}: {tail[0][:300]}", "epochs": []}
 
@@ -680,13 +687,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--structures", default=None,
                     help="Table 1 numbers, e.g. 1,6,9 (default 1; --smoke: a tiny spec)")
     ap.add_argument("--spec", help="a custom spec instead (label 'custom')")
-    ap.add_argument("--rungs", type=parse_rungs, default=None, help="e.g. 1-8 or 1,3,5")
+    ap.add_argument("--rungs", type=parse_rungs, default=None,
+                    help="e.g. 1-8 or 1,8,7,5: run in this order (with --deadline, the most "
+                    "wanted first)")
     ap.add_argument("--epochs", type=int, default=None, help="measured epochs per rung")
     ap.add_argument("--warmup", type=int, default=1, help="epochs before measuring")
     ap.add_argument("--rung-budget", type=float, default=None,
                     help="stop measuring a rung after this many seconds (at least 1 epoch)")
     ap.add_argument("--rung-timeout", type=float, default=1800, help="with --isolate")
     ap.add_argument("--isolate", action="store_true", help="each rung in its own process")
+    ap.add_argument("--deadline", type=float, default=None,
+                    help="seconds for the whole run: rungs that would start later are skipped "
+                    "(and with --isolate a running one is stopped)")
     ap.add_argument("--data", default=None, help="CIFAR-10 source (default: the JPEG copy)")
     ap.add_argument("--cache", default=None, help="cache for decoded arrays and betons")
     ap.add_argument("--device", default=None)
@@ -729,6 +741,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args._row).write_text(json.dumps(row))
         return 0
 
+    t_main = time.time()
     device = C.pick_device(args.device)
     env = C.environment(device)
     ceil = C.ceilings(device)
@@ -739,6 +752,10 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {"mode": mode, "environment": env, "ceilings": ceil, "protocol": PROTO,
                     "settings": {k: v for k, v in vars(args).items() if not k.startswith("_")},
                     "structures": []}
+    tag = ("smoke-" if args.smoke else "") + device.type + ("-to-best" if args.to_best else "")
+    json_path = args.json or (os.path.join(args.out, f"epoch_time_{tag}.json") if args.out
+                              else None)
+    md_path = args.md or (os.path.join(args.out, f"epoch_time_{tag}.md") if args.out else None)
     if args.to_best:
         label, spec = specs[0]
         setup = make_setup(args, label, spec)
@@ -751,30 +768,36 @@ def main(argv: list[str] | None = None) -> int:
         for label, spec in specs:
             d = describe(spec)
             setup = make_setup(args, label, spec)
-            rows = []
+            entry = {"label": label, "spec": str(spec), "params": d["params"],
+                     "gflop_per_image": d["gflop_per_image"], "rows": []}
+            result["structures"].append(entry)
+            try:
+                n_train, n_test = (len(ix) if ix is not None else len(setup.arrays()[s][0])
+                                   for ix, s in zip(setup.indices(), ("train", "test"),
+                                                    strict=True))
+            except RungSkipped:  # no data: every rung will say so
+                n_train, n_test = 0, 0
             for rung in rungs:
-                row = (run_isolated(args, label, spec, rung) if args.isolate
-                       else run_rung(setup, rung))
-                rows.append(row)
+                left = None if args.deadline is None else args.deadline - (time.time() - t_main)
+                if left is not None and left < 10:
+                    name, adds = RUNGS[rung]
+                    row = {"structure": label, "rung": rung, "name": name, "adds": adds,
+                           "status": "skipped", "epochs": [],
+                           "reason": f"the run's --deadline of {args.deadline:g} s was spent"}
+                elif args.isolate:
+                    row = run_isolated(args, label, spec, rung, left)
+                else:
+                    row = run_rung(setup, rung)
+                entry["rows"].append(row)
                 print(f"[epoch_time] {label} rung {rung} {row['name']}: {row['status']} "
                       f"{C.fmt(row.get('epoch_s'), '.4g')} s/epoch "
                       f"(warm-up {C.fmt(row.get('warmup_s'), '.3g')} s) {row['reason']}",
                       flush=True)
-            if setup.data is not None:
-                n_train, n_test = (len(ix) if ix is not None else len(setup.arrays()[s][0])
-                                   for ix, s in zip(setup.indices(), ("train", "test"),
-                                                    strict=True))
-            else:
-                n_train, n_test = 0, 0
-            finish_rows(rows, d["gflop_per_image"] * 1e9, n_train, n_test, ceil["floor_tflops"])
-            result["structures"].append({"label": label, "spec": str(spec),
-                                         "params": d["params"],
-                                         "gflop_per_image": d["gflop_per_image"], "rows": rows})
+                finish_rows(entry["rows"], d["gflop_per_image"] * 1e9, n_train, n_test,
+                            ceil["floor_tflops"])
+                # Written after every rung, so a run stopped by a timeout keeps what it measured.
+                C.write_outputs(result, json_path, md_path, render(result))
     md = render(result)
-    tag = ("smoke-" if args.smoke else "") + device.type + ("-to-best" if args.to_best else "")
-    json_path = args.json or (os.path.join(args.out, f"epoch_time_{tag}.json") if args.out
-                              else None)
-    md_path = args.md or (os.path.join(args.out, f"epoch_time_{tag}.md") if args.out else None)
     C.write_outputs(result, json_path, md_path, md)
     print(md)
     return 0

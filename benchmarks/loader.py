@@ -215,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         f"# loader: {env['device_name']} ({env['device']}), {env['date']}", "",
         f"Command: `{env['command']}`  ",
         f"Mode: {result['mode']}; {len(y):,} training images, batch {BATCH}, delivered as "
-        f"{result['dtype']} NCHW on {device}; torch {env['torch']}, {env['cpu_cores']} cores", "",
+        f"{result['dtype']} NCHW on {device}; torch {env['torch']}, {env['cpu_cores']} cores, "
+        f"load average {C.fmt(env.get('load_average_1m'), '.2f')} at start", "",
         C.markdown_table(rows, cols), ""])
     tag = ("smoke-" if args.smoke else "") + device.type
     out = args.out
