@@ -28,25 +28,42 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+# Per-layer convolution: "triton" is the implicit GEMM with the statistics epilogue; "aten" is
+# F.conv2d (cuDNN on a GPU) with BatchNorm finding its statistics in its own pass. Set per layer
+# with TritonResNet.set_conv_backends where a GPU measurement shows cuDNN ahead.
+CONV_BACKENDS = ("triton", "aten")
+
+
 def conv_bn_act(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d,
-                residual: torch.Tensor | None = None, relu: bool = True) -> torch.Tensor:
+                residual: torch.Tensor | None = None, relu: bool = True,
+                backend: str = "triton") -> torch.Tensor:
     """relu(bn(conv(x)) + residual) with the modules' own parameters and buffers."""
     if conv.bias is not None or conv.groups != 1 or conv.dilation != (1, 1):
         raise ValueError("the Triton conv takes bias-free, ungrouped, undilated convolutions")
     stride, padding = conv.stride[0], conv.padding[0]
     if conv.stride != (stride, stride) or conv.padding != (padding, padding):
         raise ValueError("the Triton conv takes square strides and paddings")
-    out, partials = conv2d(x, conv.weight.to(x.dtype), stride, padding, stats=bn.training)
+    weight = conv.weight.to(x.dtype)
+    if backend == "aten":
+        out, partials = F.conv2d(x, weight, None, stride, padding), None
+    else:
+        out, partials = conv2d(x, weight, stride, padding, stats=bn.training)
     return batch_norm_act(out, bn, residual, relu, partials)
 
 
+def _backend(conv: nn.Conv2d) -> str:
+    return getattr(conv, "fastres_backend", "triton")
+
+
 def block_forward(block: BasicBlock, x: torch.Tensor) -> torch.Tensor:
-    out = conv_bn_act(x, block.conv1, block.bn1)
+    out = conv_bn_act(x, block.conv1, block.bn1, backend=_backend(block.conv1))
     if len(block.shortcut) == 0:
         shortcut = x
     else:
-        shortcut = conv_bn_act(x, block.shortcut[0], block.shortcut[1], relu=False)
-    return conv_bn_act(out, block.conv2, block.bn2, residual=shortcut)
+        sc_conv, sc_bn = block.shortcut[0], block.shortcut[1]
+        shortcut = conv_bn_act(x, sc_conv, sc_bn, relu=False, backend=_backend(sc_conv))
+    return conv_bn_act(out, block.conv2, block.bn2, residual=shortcut,
+                       backend=_backend(block.conv2))
 
 
 class TritonResNet(ResNet):
@@ -55,23 +72,40 @@ class TritonResNet(ResNet):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(_compute_dtype(x)).contiguous(memory_format=torch.channels_last)
-        out = conv_bn_act(x, self.conv1, self.bn1)
+        out = conv_bn_act(x, self.conv1, self.bn1, backend=_backend(self.conv1))
         for i in range(self.spec.N):
             for block in getattr(self, f"layer{i + 1}"):
                 out = block_forward(block, out)
         out = F.avg_pool2d(out, out.shape[-2:]).flatten(1)
         return self.linear(out)
 
+    def set_conv_backends(self, choices: dict[str, str], reason: str) -> None:
+        """Run the named conv layers (module names, e.g. "layer1.0.conv1") on `choices[name]`
+        ("triton" or "aten"); `reason` (say, the benchmark figures that chose it) is shown by
+        explain_kernels, so a choice is never silent."""
+        convs = {n: m for n, m in self.named_modules() if isinstance(m, nn.Conv2d)}
+        for name, backend in choices.items():
+            if name not in convs:
+                raise ValueError(f"no conv layer {name!r} (layers: {', '.join(convs)})")
+            if backend not in CONV_BACKENDS:
+                raise ValueError(f"conv backend must be one of {CONV_BACKENDS}, got {backend!r}")
+            convs[name].fastres_backend = backend
+            convs[name].fastres_reason = reason
+
     def explain_kernels(self) -> list[str]:
-        """One line per conv -> BN layer: which kernel runs it (all Triton: no layer falls back
-        to cuDNN in this version, since there is no per-layer GPU measurement to choose by)."""
+        """One line per conv -> BN layer: which kernels run it, and why where it is not the
+        default Triton path."""
         lines = []
         for name, m in self.named_modules():
             if isinstance(m, nn.Conv2d):
                 k, s, p = m.kernel_size[0], m.stride[0], m.padding[0]
-                lines.append(f"{name}: {m.in_channels}->{m.out_channels} k{k} s{s} p{p}: "
-                             "triton implicit-GEMM conv + BN stats epilogue, "
-                             "triton BN+add+ReLU; backward aten convolution_backward (cuDNN)")
+                head = f"{name}: {m.in_channels}->{m.out_channels} k{k} s{s} p{p}: "
+                if _backend(m) == "aten":
+                    lines.append(head + "aten conv2d (cuDNN) + triton BN stats pass, triton "
+                                 f"BN+add+ReLU ({getattr(m, 'fastres_reason', '')})")
+                else:
+                    lines.append(head + "triton implicit-GEMM conv + BN stats epilogue, "
+                                 "triton BN+add+ReLU; backward aten convolution_backward (cuDNN)")
         return lines
 
 

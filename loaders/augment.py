@@ -88,13 +88,19 @@ class DeviceAugment:
     def uses_triton(self, device: torch.device) -> bool:
         return self.backend == "triton" or (self.backend == "auto" and device.type == "cuda")
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None
-                 ) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None,
+                 index: torch.Tensor | None = None) -> torch.Tensor:
+        """Augment the batch `images`, or with `index` the batch images[index] of a whole
+        uint8 dataset resident on the device (the Triton kernel gathers as it reads)."""
+        batch = images.shape[0] if index is None else index.shape[0]
         if self.uses_triton(images.device):
             from fastres.kernels.augment import augment
 
-            p = random_params(images.shape[0], self.crop, self.flip, images.device, generator)
-            return augment(images, p.dy, p.dx, p.flip, self.dtype, self.normalize, pad=PAD)
+            p = random_params(batch, self.crop, self.flip, images.device, generator)
+            return augment(images, p.dy, p.dx, p.flip, self.dtype, self.normalize, pad=PAD,
+                           index=index)
+        if index is not None:
+            images = images[index]
         if self.crop or self.flip:
             p = random_params(images.shape[0], self.crop, self.flip, images.device, generator)
             images = crop_flip(images, p)

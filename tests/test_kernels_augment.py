@@ -97,6 +97,16 @@ def test_device_augment_backends_agree_with_one_seed(crop, flip, norm, dtype):
     assert outs[1].is_contiguous(memory_format=torch.channels_last)
 
 
+def test_device_augment_gathers_from_a_resident_dataset():
+    data = images(50, seed=3)
+    index = torch.tensor([7, 49, 0, 7, 21], device=DEV)
+    outs = [DeviceAugment(backend=b)(data, torch.Generator(device=DEV).manual_seed(4), index)
+            for b in ("torch", "triton")]
+    torch.testing.assert_close(outs[1], outs[0], **TOL[torch.float32])
+    direct = DeviceAugment(backend="torch")(data[index], torch.Generator(device=DEV).manual_seed(4))
+    torch.testing.assert_close(outs[0], direct, rtol=0, atol=0)
+
+
 def test_backend_switch():
     with pytest.raises(ValueError, match="backend must be one of"):
         DeviceAugment(backend="cuda")

@@ -160,7 +160,30 @@ def test_explain_kernels_names_every_conv():
     lines = model.explain_kernels()
     convs = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
     assert [line.split(":")[0] for line in lines] == convs
-    assert all("triton" in line for line in lines)
+    assert all("triton implicit-GEMM conv" in line for line in lines)
+
+
+def test_per_layer_aten_conv_matches_eager_and_is_explained():
+    spec = dataclasses.replace(STRUCTURES[1], N=2, B=(1, 1), C_in=4)
+    eager, triton = pair(spec)
+    chosen = {"conv1": "aten", "layer2.0.shortcut.0": "aten", "layer1.0.conv2": "aten"}
+    triton.set_conv_backends(chosen, reason="test: cuDNN measured faster")
+    lines = dict(line.split(": ", 1) for line in triton.explain_kernels())
+    for name in chosen:
+        assert lines[name].split(": ", 1)[1].startswith("aten conv2d"), lines[name]
+        assert "cuDNN measured faster" in lines[name]
+    assert "triton implicit-GEMM" in lines["layer1.0.conv1"]
+    x, y = batch(3, 8)
+    loss_e, loss_t = F.cross_entropy(eager(x), y), F.cross_entropy(triton(x), y)
+    torch.testing.assert_close(loss_t, loss_e, rtol=1e-5, atol=1e-5)
+    loss_e.backward()
+    loss_t.backward()
+    assert_grads_close(eager, triton, 1e-3)
+    assert_buffers_close(eager, triton)
+    with pytest.raises(ValueError, match="no conv layer"):
+        triton.set_conv_backends({"layer9.conv": "aten"}, reason="")
+    with pytest.raises(ValueError, match="conv backend must be one of"):
+        triton.set_conv_backends({"conv1": "cudnn"}, reason="")
 
 
 def test_triton_where_it_cannot_run_is_a_clear_error():
