@@ -242,6 +242,19 @@ class Progress:
                   f"test acc {100 * m.test_acc:.2f}% loss {m.test_loss:.4f} ({m.seconds:.1f}s)",
                   flush=True)
 
+    def poll(self, rows: list[dict]) -> None:
+        """Progress of runs in other processes (Ray workers), read from the results database."""
+        self.seconds = self.flop_seen = 0.0
+        for r in rows:
+            if r["run_id"] not in self.labels:
+                continue
+            rid, n = r["run_id"], r["epochs_done"]
+            self.seconds += r["train_seconds"]
+            self.flop_seen += self.flop[rid] * n
+            if n > self.epochs_done[rid] and not self.quiet:
+                print(f"{self.head()} {self.labels[rid]}: epoch {n}/{self.epochs}", flush=True)
+            self.epochs_done[rid] = n
+
     def cell(self, rid: str, outcome: str) -> None:
         if outcome in ("completed", "diverged", "done"):
             self.done.add(rid)
@@ -288,12 +301,16 @@ def run_job(job: Job, on_epoch=None, threads: int | None = None) -> str:
                           batch_size=p.batch_size, test_batch_size=p.test_batch_size,
                           train_subset=p.train_subset, test_subset=p.test_subset, **job.compute)
         log = (lambda _m: None) if job.quiet else (lambda m: print(m, flush=True))
+
+        def warn(message: str) -> None:  # printed even when quiet
+            print(message, file=sys.stderr, flush=True)
+
         epoch_log = (lambda m: None) if on_epoch is None else (lambda m: on_epoch(job.run_id, m))
         with Heartbeat(db.folder, job.run_id, owner) as beat:
             try:
                 result = train(cfg, data=job.data, on_epoch=epoch_log,
                                log=lambda m: None if m.startswith("epoch") else log(m),
-                               checkpoint=RunCheckpointer(db, job.run_id, owner, log))
+                               checkpoint=RunCheckpointer(db, job.run_id, owner, warn))
             except LeaseLost:
                 return "busy"
             except Exception as e:  # the grid goes on; the error is recorded with the run
@@ -306,6 +323,22 @@ def run_job(job: Job, on_epoch=None, threads: int | None = None) -> str:
         return result.status
     finally:
         db.close()
+
+
+def register(db, cell: Cell, protocol: Protocol, data_source: str) -> str:
+    """Add the cell's run to the results database (if new); returns its run id."""
+    rid = run_id(cell, protocol)
+    settings = {**OPTIMIZERS[cell.optimizer][1], "weight_decay": protocol.weight_decay}
+    if protocol.lr is not None:
+        settings["lr"] = protocol.lr
+    db.register(rid, {
+        "label": cell.label, "cell": json.dumps(cell.to_dict()), "protocol_id": protocol.id,
+        "protocol": json.dumps({**asdict(protocol), "data_source": data_source}),
+        "structure": cell.structure, "spec": str(cell.spec), "optimizer": cell.optimizer,
+        "optimizer_settings": json.dumps(settings), "augment": int(cell.augment),
+        "normalize": int(cell.normalize), "tmax": cell.tmax, "epochs": protocol.epochs,
+        "seed": cell.seed})
+    return rid
 
 
 def run_local(jobs: list[Job], progress: Progress, poll: float = 2.0) -> None:
@@ -333,6 +366,8 @@ def run_ray(jobs: list[Job], progress: Progress, workers: int | None, runs_per_g
     """Cells as Ray tasks (a local cluster unless --ray ADDRESS), each on 1/runs_per_gpu GPU.
     A task whose worker dies is retried by Ray up to max_retries times and resumes from its
     last checkpoint; every worker writes to the one results database."""
+    from fastres.results import ResultsDB
+
     try:
         import ray
     except ImportError:
@@ -347,6 +382,7 @@ def run_ray(jobs: list[Job], progress: Progress, workers: int | None, runs_per_g
         ray.init(num_cpus=os.cpu_count(), num_gpus=gpus, include_dashboard=False,
                  log_to_driver=not progress.quiet)
     try:
+        db = ResultsDB(jobs[0].results)
         gpus = int(ray.cluster_resources().get("GPU", 0))
         cpus = int(ray.cluster_resources().get("CPU", 1))
         if workers is None:
@@ -362,7 +398,9 @@ def run_ray(jobs: list[Job], progress: Progress, workers: int | None, runs_per_g
             while queue and len(inflight) < workers:
                 job = queue.popleft()
                 inflight[task.remote(job, threads)] = job
-            ready, _ = ray.wait(list(inflight), num_returns=1)
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=5.0)
+            if not ready:
+                progress.poll(db.runs())
             for ref in ready:
                 job = inflight.pop(ref)
                 try:
@@ -377,6 +415,8 @@ def run_ray(jobs: list[Job], progress: Progress, workers: int | None, runs_per_g
                     queue.append(job)
     finally:
         ray.shutdown()
+        if "db" in locals():
+            db.close()
 
 
 def print_plan(cells: list[Cell], plan: Plan) -> None:
@@ -405,6 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--epochs", type=int)
     ap.add_argument("--tmax", help="cosine T_max values, e.g. 0,100,200,300")
     ap.add_argument("--seeds", help="e.g. 0,1,2")
+    ap.add_argument("--lr", type=float, help="override Table 2's rate for every cell")
     ap.add_argument("--results", default="runs", help="results folder (default ./runs)")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     ap.add_argument("--quiet", action="store_true", help="one line per cell, for logs")
@@ -434,9 +475,7 @@ def main(argv: list[str] | None = None) -> int:
             raise GridError(f"--runs-per-gpu must be at least 1, got {args.runs_per_gpu}")
         db = ResultsDB(args.results)  # fail on a bad folder before spending time on data
         data = prepare(args.data, args.cache)
-        if data.kind == SYNTHETIC:
-            print(f"[grid] WARNING: {SYNTHETIC_WARNING}", flush=True)
-        protocol = Protocol(epochs=plan.epochs, train_subset=plan.train_subset,
+        protocol = Protocol(epochs=plan.epochs, lr=args.lr, train_subset=plan.train_subset,
                             test_subset=plan.test_subset, data=data.identity,
                             data_kind=data.kind)
         n_train = min(plan.train_subset or data.num_train, data.num_train)
@@ -446,19 +485,11 @@ def main(argv: list[str] | None = None) -> int:
                    "kernels": args.kernels, "loader_workers": args.loader_workers,
                    "cache": args.cache}
         # Check the compute flags once here rather than failing every cell with them.
-        TrainConfig(spec=cells[0].spec, **compute).resolved()
+        TrainConfig(spec=cells[0].spec, train_subset=plan.train_subset,
+                    test_subset=plan.test_subset, **compute).resolved()
         jobs, flop, epochs_done, done = [], {}, {}, set()
         for c in cells:
-            rid = run_id(c, protocol)
-            db.register(rid, {
-                "label": c.label, "cell": json.dumps(c.to_dict()), "protocol_id": protocol.id,
-                "protocol": json.dumps({**asdict(protocol), "data_source": data.source}),
-                "structure": c.structure, "spec": str(c.spec), "optimizer": c.optimizer,
-                "optimizer_settings": json.dumps({**OPTIMIZERS[c.optimizer][1],
-                                                  **({"lr": protocol.lr} if protocol.lr else {}),
-                                                  "weight_decay": protocol.weight_decay}),
-                "augment": int(c.augment), "normalize": int(c.normalize), "tmax": c.tmax,
-                "epochs": plan.epochs, "seed": c.seed})
+            rid = register(db, c, protocol, data.source)
             row = db.run(rid)
             flop[rid] = epoch_flop(c.spec, n_train, n_test)
             epochs_done[rid] = row["epochs_done"]
@@ -487,6 +518,8 @@ def main(argv: list[str] | None = None) -> int:
     failed = [j.cell.label for j in jobs if j.run_id not in progress.done]
     print(f"[grid] {len(progress.done)}/{len(jobs)} cells finished; report: "
           f"python -m fastres.report --results {args.results}", flush=True)
+    if data.kind == SYNTHETIC:
+        print(f"[grid] WARNING: {SYNTHETIC_WARNING}", flush=True)
     if failed:
         print(f"[grid] not finished: {', '.join(failed)}", file=sys.stderr)
         return 1

@@ -61,8 +61,8 @@ CREATE TABLE IF NOT EXISTS epochs (
     run_id TEXT NOT NULL REFERENCES runs(run_id),
     epoch INTEGER NOT NULL,
     lr REAL NOT NULL,
-    train_loss REAL NOT NULL, train_acc REAL NOT NULL,
-    test_loss REAL NOT NULL, test_acc REAL NOT NULL,
+    train_loss REAL, train_acc REAL,    -- NULL is NaN: SQLite stores no NaN
+    test_loss REAL, test_acc REAL,
     seconds REAL NOT NULL,
     committed_at REAL NOT NULL,
     PRIMARY KEY (run_id, epoch)
@@ -156,19 +156,22 @@ class ResultsDB:
             raise ResultsError(f"results folder {self.folder} is not writable: {e.strerror or e}"
                                " (choose another with --results DIR)") from None
         self.path = self.folder / DB_NAME
-        existed = self.path.exists()
-        if existed:
-            with open(self.path, "rb") as f:
-                if f.read(16) != b"SQLite format 3\x00":
-                    raise ResultsError(f"{self.path} is not an SQLite database; refusing to touch "
-                                       "it (choose another folder with --results DIR)")
+        # Never open() the database file ourselves: closing any descriptor of it drops every
+        # POSIX lock this process holds on it, including those of live SQLite connections.
         self.conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
         self.conn.row_factory = sqlite3.Row
-        self.conn.execute("PRAGMA busy_timeout = 60000")
-        self.conn.execute("PRAGMA journal_mode = WAL")
-        self.conn.execute("PRAGMA synchronous = FULL")
-        if existed:
+        try:
+            self.conn.execute("PRAGMA busy_timeout = 60000")
             self._check_foreign()
+            self.conn.execute("PRAGMA journal_mode = WAL")
+            self.conn.execute("PRAGMA synchronous = FULL")
+        except sqlite3.DatabaseError as e:  # "file is not a database"
+            self.conn.close()
+            raise ResultsError(f"{self.path} is not an SQLite database ({e}); refusing to touch "
+                               "it (choose another folder with --results DIR)") from None
+        except ResultsError:
+            self.conn.close()
+            raise
         self.conn.executescript(SCHEMA)  # IF NOT EXISTS throughout: safe to race
         with self.transaction(immediate=True):
             self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('app', 'fastres')")
@@ -219,7 +222,8 @@ class ResultsDB:
         rows = self.conn.execute(
             "SELECT epoch, lr, train_loss, train_acc, test_loss, test_acc, seconds FROM epochs "
             "WHERE run_id = ? ORDER BY epoch", (run_id,)).fetchall()
-        return [EpochMetrics(*r) for r in rows]
+        nan = float("nan")
+        return [EpochMetrics(*(nan if v is None else v for v in r)) for r in rows]
 
     def acquire(self, run_id: str, owner: str, ttl: float = LEASE_TTL,
                 max_attempts: int | None = None) -> str:

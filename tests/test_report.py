@@ -1,0 +1,126 @@
+"""Reports: Tables 3/4 analogs against the paper, partial grids, formats and figures."""
+
+import csv
+import io
+import json
+
+import pytest
+
+from fastres.grid import Cell, Protocol, register
+from fastres.grid import main as grid_main
+from fastres.report import main
+from fastres.results import ResultsDB, new_owner
+from fastres.structures import STRUCTURES
+from fastres.train import EpochMetrics, RunResult, best_of
+
+from .test_grid import grid_args, grid_data  # noqa: F401  (module fixture)
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def record(db: ResultsDB, cell: Cell, protocol: Protocol, accs: list[float] | None) -> str:
+    """A run through the store's real API; accs=None leaves it registered but not run."""
+    rid = register(db, cell, protocol, "test")
+    if accs is None:
+        return rid
+    owner = new_owner()
+    assert db.acquire(rid, owner) == "acquired"
+    ckpt = db.folder / "checkpoints" / rid / "epoch.pt"
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    ckpt.write_bytes(b"")
+    eps = [EpochMetrics(i + 1, 0.1, 1.0, a, 2.0 - a, a, 1.0) for i, a in enumerate(accs)]
+    for m in eps:
+        db.commit_epoch(rid, owner, m, ckpt, "0")
+    db.finish(rid, owner, RunResult({}, "completed", eps, *best_of(eps), None, {}, {}))
+    return rid
+
+
+@pytest.fixture
+def paper_like(tmp_path):
+    """Structure 1 with three optimizers finished (one missing), augmentation on and off, and
+    the Figure 7 and 8 variants, on a 3-epoch protocol."""
+    db = ResultsDB(tmp_path / "runs")
+    p = Protocol(epochs=3, data="d", data_kind="test")
+    s1 = STRUCTURES[1]
+    for aug in (True, False):
+        record(db, Cell(s1, 1, "sgd", aug), p, [0.5, 0.9510, 0.94])
+        record(db, Cell(s1, 1, "adam", aug), p, [0.80, 0.85, 0.93])
+        record(db, Cell(s1, 1, "adagrad", aug), p, None)  # still pending
+    record(db, Cell(s1, 1, "sgd", True, normalize=False), p, [0.4, 0.6, 0.7])
+    record(db, Cell(s1, 1, "sgd", False, normalize=False), p, [0.3, 0.5, 0.6])
+    for tmax in (0, 100, 300):
+        record(db, Cell(s1, 1, "sgd", True, tmax=tmax), p, [0.2, 0.4, 0.6])
+    db.close()
+    return tmp_path / "runs"
+
+
+def test_markdown_tables_against_the_paper(paper_like, capsys):
+    assert main(["--results", str(paper_like), "--no-figures"]) == 0
+    out = capsys.readouterr().out
+    assert "Table 3 analog: best test accuracy (%), augmentation on, T_max 200" in out
+    assert "95.10 (95.03, +0.07)" in out  # ours, paper (Table 3), difference
+    assert "93.00 (93.10, -0.10)" in out  # adam, augmented
+    assert "missing (pending 0/3) (paper 92.56)" in out  # the partial cell is marked
+    # Row average over what finished, beside the paper's mean over the same two optimizers.
+    assert f"94.05* ({(93.10 + 95.03) / 2:.2f})" in out
+    assert "2 (212, -210)" in out  # Table 4: best epoch 2 against the paper's 212
+    assert "T_max 100" in out and "7/10 runs finished" not in out
+
+
+def test_csv_and_json(paper_like, capsys):
+    assert main(["--results", str(paper_like), "--no-figures", "--format", "csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    sgd = [r for r in rows if r["optimizer"] == "sgd" and r["augment"] == "True"
+           and r["tmax"] == "200"]
+    assert len(sgd) == 1 and float(sgd[0]["best_acc"]) == pytest.approx(95.10)
+    assert float(sgd[0]["paper_acc"]) == 95.03 and sgd[0]["paper_epoch"] == "212"
+    assert main(["--results", str(paper_like), "--no-figures", "--format", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    pending = [c for c in data["cells"] if c["optimizer"] == "adagrad"]
+    assert len(pending) == 2 and all(c["best_acc"] is None for c in pending)
+
+
+def test_figures_are_written(paper_like, tmp_path, capsys):
+    figs = tmp_path / "figs"
+    assert main(["--results", str(paper_like), "--figures", str(figs)]) == 0
+    out = capsys.readouterr().out
+    for name in ("fig5_optimizers_augmented", "fig6_optimizers_not_augmented",
+                 "fig7_augment_normalize", "fig8_tmax"):
+        png = figs / f"{name}.png"
+        assert png.is_file() and png.read_bytes()[:8] == PNG and png.stat().st_size > 10_000
+        assert f"{name}: {png}" in out
+
+
+def test_report_on_a_real_tiny_grid(grid_data, tmp_path, capsys):  # noqa: F811
+    results = tmp_path / "r"
+    assert grid_main(grid_args(grid_data, results, "--epochs", "2", "--quiet")) == 0
+    capsys.readouterr()
+    assert main(["--results", str(results)]) == 0
+    out = capsys.readouterr().out
+    assert "4/4 runs finished" in out and "| [N=2 B=1,1 C_in=8" in out
+    assert (results / "figures" / "fig5_optimizers_augmented.png").stat().st_size > 10_000
+
+
+def test_protocols_are_not_mixed(tmp_path, capsys):
+    db = ResultsDB(tmp_path / "runs")
+    s1 = STRUCTURES[1]
+    record(db, Cell(s1, 1, "sgd"), Protocol(epochs=3, data="d"), [0.5, 0.6, 0.7])
+    record(db, Cell(s1, 1, "adam"), Protocol(epochs=3, data="d"), [0.5, 0.6, 0.7])
+    other = Protocol(epochs=2, data="d")
+    record(db, Cell(s1, 1, "sgd"), other, [0.1, 0.2])
+    db.close()
+    assert main(["--results", str(tmp_path / "runs"), "--no-figures"]) == 0
+    out = capsys.readouterr().out
+    assert "3 epochs" in out and f"other protocols in this folder (not mixed in): {other.id}" in out
+    assert "70.00" in out and "20.00" not in out
+    assert main(["--results", str(tmp_path / "runs"), "--no-figures", "--protocol",
+                 other.id]) == 0
+    assert "20.00" in capsys.readouterr().out
+
+
+def test_report_errors(tmp_path, capsys):
+    assert main(["--results", str(tmp_path / "nothing")]) == 2
+    assert "holds no fastres results" in capsys.readouterr().err
+    ResultsDB(tmp_path / "empty").close()
+    assert main(["--results", str(tmp_path / "empty")]) == 2
+    assert "holds no runs yet" in capsys.readouterr().err
