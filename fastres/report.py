@@ -188,7 +188,7 @@ def write_figures(db: ResultsDB, runs: list[dict], folder: Path, structure: str 
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for label, _r, eps in curves:
             ax.plot([e.epoch for e in eps], [e.test_loss for e in eps], label=label, lw=1.2)
-        ax.set(title=title, xlabel="epoch", ylabel="test loss")
+        ax.set(title=title, xlabel="epoch", ylabel="test loss (log scale)", yscale="log")
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
