@@ -246,3 +246,9 @@ def test_synthetic_data_is_labelled(tmp_path, capsys):
     assert json.loads(protocol)["data_kind"] == "synthetic"
     db = ResultsDB(tmp_path / "r")
     assert db.runs()[0]["status"] == "completed"
+
+
+def test_workers_without_ray_says_how_to_install(grid_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)  # makes `import ray` fail
+    assert main([*grid_args(grid_data, tmp_path / "r"), "--workers", "2"]) == 2
+    assert "pip install 'fastres[cluster]'" in capsys.readouterr().err
