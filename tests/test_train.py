@@ -133,3 +133,22 @@ def test_short_training_on_cifar10_learns(jpeg_betons):
     assert result.status == "completed"
     assert result.best_acc > 0.30, [e.test_acc for e in result.epochs]
     assert result.epochs[-1].train_loss < result.epochs[0].train_loss
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_and_channels_last_on_cpu(tiny_betons, precision):
+    cfg = TrainConfig(spec=TINY, structure=None, epochs=2, device="cpu", precision=precision,
+                      channels_last=True)
+    result = train(cfg, data=tiny_betons, **QUIET)
+    assert result.status == "completed" and result.config["precision"] == precision
+    assert all(math.isfinite(e.train_loss) for e in result.epochs)
+
+
+def test_compiled_loop_matches_eager_on_cpu(tiny_betons):
+    """torch.compile changes how the step is computed, not what: same curve within fp32 noise."""
+    base = {"spec": TINY, "structure": None, "epochs": 2, "device": "cpu"}
+    eager = train(TrainConfig(**base, compile=False), data=tiny_betons, **QUIET)
+    compiled = train(TrainConfig(**base, compile=True), data=tiny_betons, **QUIET)
+    for a, b in zip(eager.epochs, compiled.epochs, strict=True):
+        assert b.train_loss == pytest.approx(a.train_loss, rel=1e-3)
+        assert b.test_loss == pytest.approx(a.test_loss, rel=1e-3)
