@@ -173,6 +173,7 @@ def environment(device: torch.device) -> dict:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "git_commit": commit, "python": platform.python_version(), "torch": torch.__version__,
         "device": str(device), "device_name": name, "cpu_cores": cpu_count(),
+        "torch_threads": torch.get_num_threads(),
         # Other work on the machine skews CPU figures: the load average says how much there was.
         "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "cudnn_benchmark": torch.backends.cudnn.benchmark,

@@ -542,8 +542,11 @@ def run_rung(setup: Setup, rung: int) -> dict:
         row.update(status="failed", reason=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
     finally:
         if setup.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
+            try:  # after a failed capture the device may refuse even this; the row says why
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+            except Exception as e:
+                row["reason"] += f" (then: {type(e).__name__}: {str(e).splitlines()[0][:200]})"
     row["epochs"] = epochs
     if row["status"] == "ok" and len(epochs) <= setup.warmup:
         row.update(status="failed", reason=f"only {len(epochs)} epoch(s) ran; none measured")
@@ -592,7 +595,8 @@ def render(result: dict) -> str:
     env, ceil = result["environment"], result["ceilings"]
     lines = [f"# epoch_time: {env['device_name']} ({env['device']}), {env['date']}", "",
              f"Command: `{env['command']}`  ", f"Mode: {result['mode']}; torch {env['torch']}, "
-             f"python {env['python']}, git {env['git_commit']}, {env['cpu_cores']} cores, "
+             f"python {env['python']}, git {env['git_commit']}, {env['cpu_cores']} cores "
+             f"({env['torch_threads']} torch threads at start), "
              f"load average {C.fmt(env.get('load_average_1m'), '.2f')} at start  ",
              f"Measured here: matmul fp32 {C.fmt(ceil.get('matmul_fp32_tflops'))} TFLOP/s, "
              f"bf16 {C.fmt(ceil.get('matmul_bf16_tflops'))} TFLOP/s "
@@ -641,7 +645,8 @@ def run_isolated(args, label: str, spec, rung: int, left: float | None) -> dict:
                "--warmup", str(args.warmup), "--epochs", str(args.epochs),
                "--seed", str(args.seed), "--_label", label]
         cmd += ["--structures", label] if label.isdigit() else ["--spec", str(spec)]
-        for flag in ("data", "cache", "device", "train_subset", "test_subset", "rung_budget"):
+        for flag in ("data", "cache", "device", "train_subset", "test_subset", "rung_budget",
+                     "threads"):
             v = getattr(args, flag)
             if v is not None:
                 cmd += [f"--{flag.replace('_', '-')}", str(v)]
@@ -656,10 +661,15 @@ def run_isolated(args, label: str, spec, rung: int, left: float | None) -> dict:
                     "status": "failed", "epochs": [],
                     "reason": f"stopped after {limit:.0f} s (--rung-timeout / --deadline)"}
         if out.is_file():
-            return json.loads(out.read_text())
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        return {"structure": label, "rung": rung, "name": name, "adds": adds, "status": "failed",
-                "reason": f"child exited {proc.returncode}: {tail[0][:300]}", "epochs": []}
+            row = json.loads(out.read_text())
+        else:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            row = {"structure": label, "rung": rung, "name": name, "adds": adds,
+                   "status": "failed", "epochs": [],
+                   "reason": f"child exited {proc.returncode}: {tail[0][:300]}"}
+        if row["status"] != "ok":  # the child's own words, for whoever debugs it later
+            row["child_stderr_tail"] = proc.stderr[-3000:]
+        return row
 
 
 def to_best(args, setup: Setup) -> dict:
@@ -705,6 +715,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-subset", type=int, default=None)
     ap.add_argument("--test-subset", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads at start (default: torch's own choice; note "
+                    "that FFCV's Loader, so rungs 3-7, resets them to its worker count)")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU-sized: tiny spec, 1024 train / 256 test images, 2 epochs")
     ap.add_argument("--to-best", action="store_true", help="time to the paper's best instead")
@@ -725,6 +738,8 @@ def main(argv: list[str] | None = None) -> int:
         args.epochs = args.epochs or 2
     args.epochs = args.epochs or 3
     args.data = args.data or C.default_data()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True  # the paper's script family sets it; so do we
     if args.spec or (args.smoke and args.structures is None):

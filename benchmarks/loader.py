@@ -85,7 +85,7 @@ def ffcv_cpu_batches(beton: Path, indices, device: torch.device, dtype: torch.dt
             # RandomTranslate(padding=4, fill=0) is RandomCrop(32, padding=4) with zero padding.
             "image": [SimpleRGBImageDecoder(), RandomTranslate(padding=4, fill=(0, 0, 0)),
                       RandomHorizontalFlip(), NormalizeImage(mean, std, np.float32),
-                      ToTensor(), ToTorchImage(), *to_dev],
+                      ToTensor(), *to_dev, ToTorchImage()],  # FFCV's documented order
             "label": [IntDecoder(), ToTensor(), Squeeze(-1), *to_dev]})
 
     def one_pass() -> Iterable:
@@ -113,13 +113,15 @@ def resident_batches(images: np.ndarray, labels: np.ndarray, device: torch.devic
 
 
 def time_pipeline(make: Callable[[], Callable[[], Iterable]], device: torch.device,
-                  epochs: int) -> dict:
+                  epochs: int, threads: int | None = None) -> dict:
     """One warm-up pass (plus building the pipeline), then `epochs` timed passes."""
     t0 = time.perf_counter()
     one_pass = make()
     setup_s = time.perf_counter() - t0
     passes: list[tuple[float, int]] = []
     for _ in range(epochs + 1):
+        if threads:  # FFCV's Loader sets torch's thread count to its own worker count
+            torch.set_num_threads(threads)
         start = time.perf_counter()
         n = 0
         for x, _y in one_pass():
@@ -129,7 +131,8 @@ def time_pipeline(make: Callable[[], Callable[[], Iterable]], device: torch.devi
     s = C.median([p[0] for p in passes[1:]])
     n = passes[1][1]
     return {"status": "ok", "images": n, "pass_s": s, "images_per_s": n / s,
-            "warmup_s": setup_s + passes[0][0], "passes_s": [p[0] for p in passes]}
+            "warmup_s": setup_s + passes[0][0], "passes_s": [p[0] for p in passes],
+            "torch_threads_after": torch.get_num_threads()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="delivered dtype (default: bf16 on a GPU, fp32 on the CPU)")
     ap.add_argument("--pipelines", default=",".join(PIPELINES))
     ap.add_argument("--smoke", action="store_true", help="4096 images, 2 passes")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads, set again before every pass since FFCV's "
+                    "Loader resets them to its worker count (default: leave them alone). On a "
+                    "small CPU shared with other work, 1 avoids threads spinning on each other")
     ap.add_argument("--out", default=None)
     ap.add_argument("--json", default=None)
     ap.add_argument("--md", default=None)
@@ -153,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         args.epochs = args.epochs or 2
     args.epochs = args.epochs or 3
     args.data = args.data or C.default_data()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = C.pick_device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[
         args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
@@ -190,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         row: dict = {"pipeline": name, "reason": ""}
         try:
-            row.update(time_pipeline(makers[name], device, args.epochs))
+            row.update(time_pipeline(makers[name], device, args.epochs, args.threads))
         except Skip as e:
             row.update(status="skipped", reason=str(e))
         except Exception as e:  # one pipeline failing must not hide the others
@@ -206,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
 
     result = {"mode": "smoke (image subset: a check that it runs)" if args.smoke else "full",
               "environment": env, "dtype": str(dtype).removeprefix("torch."),
-              "batch": BATCH, "images": len(y), "rows": rows}
+              "batch": BATCH, "images": len(y), "torch_threads": args.threads,
+              "rows": rows}
     cols = [("pipeline", "pipeline", ""), ("status", "status", ""),
             ("images_per_s", "images/s", ",.0f"), ("vs_torchvision_2w", "vs torchvision 2w", ".2f"),
             ("pass_s", "s/pass", ".3g"), ("warmup_s", "warm-up s", ".3g"),
@@ -215,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         f"# loader: {env['device_name']} ({env['device']}), {env['date']}", "",
         f"Command: `{env['command']}`  ",
         f"Mode: {result['mode']}; {len(y):,} training images, batch {BATCH}, delivered as "
-        f"{result['dtype']} NCHW on {device}; torch {env['torch']}, {env['cpu_cores']} cores, "
+        f"{result['dtype']} NCHW on {device}; torch {env['torch']}, {env['cpu_cores']} cores "
+        f"(torch threads: {args.threads or 'default'}), "
         f"load average {C.fmt(env.get('load_average_1m'), '.2f')} at start", "",
         C.markdown_table(rows, cols), ""])
     tag = ("smoke-" if args.smoke else "") + device.type
