@@ -18,6 +18,10 @@ from fastres.structures import STRUCTURES, ResNetSpec
 KERNELS = ("eager", "triton")
 
 
+class KernelsUnavailable(RuntimeError):
+    """kernels="triton" asked for where Triton cannot run; the message says what to do."""
+
+
 class BasicBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, stride: int, f1: int, p1: int, k: int):
         super().__init__()
@@ -63,9 +67,11 @@ class ResNet(nn.Module):
         return self.linear(out)
 
 
-def build(spec: ResNetSpec, kernels: str = "eager") -> ResNet:
+def build(spec: ResNetSpec, kernels: str = "eager",
+          device: torch.device | str | None = None) -> ResNet:
     """The model for `spec`. kernels="eager" is the PyTorch reference path; "triton" runs the
-    same modules on fastres.kernels (a RuntimeError where Triton cannot run)."""
+    same modules on fastres.kernels (KernelsUnavailable, a RuntimeError, where Triton cannot run
+    on `device`, by default the best device there is)."""
     if kernels not in KERNELS:
         raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
     if kernels == "triton":
@@ -73,7 +79,7 @@ def build(spec: ResNetSpec, kernels: str = "eager") -> ResNet:
         # fall-back to eager).
         from fastres.kernels.model import build_triton
 
-        return build_triton(spec)
+        return build_triton(spec, device)
     return ResNet(spec)
 
 

@@ -33,7 +33,7 @@ import fastres
 from fastres.data import BetonPair, DataError, DataUnavailable, prepare
 from fastres.loaders.augment import DeviceAugment
 from fastres.loaders.cifar import TEST_BATCH, TRAIN_BATCH, CifarLoader
-from fastres.models import KERNELS, build
+from fastres.models import KERNELS, KernelsUnavailable, build
 from fastres.structures import PARAM_BUDGET, STRUCTURES, ResNetSpec, SpecError, resolve
 
 # Table 2, with the script's coupled L2 (optimizer weight_decay): Adam is Adam, not AdamW.
@@ -220,7 +220,7 @@ class Checkpointer(Protocol):
 def train(cfg: TrainConfig, data: BetonPair | None = None,
           on_epoch: Callable[[EpochMetrics], None] | None = None,
           log: Callable[[str], None] = print,
-          checkpoint: Checkpointer | None = None) -> RunResult:
+          checkpoint: Checkpointer | None = None, explain_kernels: bool = False) -> RunResult:
     """Run the whole schedule; stops early (status "diverged") on a non-finite loss.
 
     With a checkpoint, a run resumes after its last committed epoch (model, optimizer,
@@ -232,7 +232,8 @@ def train(cfg: TrainConfig, data: BetonPair | None = None,
     train_loader, test_loader = make_loaders(cfg, data)
 
     torch.manual_seed(cfg.seed)
-    model = build(cfg.spec, kernels=cfg.kernels).to(device)
+    model = build(cfg.spec, kernels=cfg.kernels, device=device).to(device)
+    kernel_plan = model.explain_kernels() if hasattr(model, "explain_kernels") else []
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
@@ -251,6 +252,9 @@ def train(cfg: TrainConfig, data: BetonPair | None = None,
         f"{cfg.precision}{' channels-last' if cfg.channels_last else ''}"
         f"{' compiled' if cfg.compile else ''} | {train_loader.num_samples} train / "
         f"{test_loader.num_samples} test images from {data.kind} {data.source}")
+
+    for line in kernel_plan if explain_kernels else []:
+        log(f"[kernels] {line}")
 
     history: list[EpochMetrics] = []
     saved = checkpoint.load() if checkpoint is not None else None
@@ -317,8 +321,11 @@ def train(cfg: TrainConfig, data: BetonPair | None = None,
     if best_acc is not None:
         log(f"[train] {status}: best test accuracy {100 * best_acc:.2f}% at epoch {best_epoch} "
             f"(test loss {loss_at_best:.4f})")
+    env = environment(device)
+    if kernel_plan:  # which kernels ran each layer, recorded with the result
+        env["kernels"] = kernel_plan
     return RunResult(cfg.to_dict(), status, history, best_acc, best_epoch, loss_at_best,
-                     diverged_at, environment(device),
+                     diverged_at, env,
                      {"kind": data.kind, "source": data.source, "num_train":
                       train_loader.num_samples, "num_test": test_loader.num_samples})
 
@@ -365,7 +372,8 @@ def add_run_arguments(ap: argparse.ArgumentParser) -> None:
                     help="autocast dtype (default: bf16 on a GPU, fp32 on the CPU)")
     ap.add_argument("--channels-last", type=on_off, default=None, metavar="on|off")
     ap.add_argument("--compile", type=on_off, default=None, metavar="on|off")
-    ap.add_argument("--kernels", choices=KERNELS, default="eager")
+    ap.add_argument("--kernels", choices=KERNELS, default="eager",
+                    help="eager: the PyTorch reference; triton: fastres' fused kernels")
     ap.add_argument("--train-subset", type=int, help="use a fixed random N of the training images")
     ap.add_argument("--test-subset", type=int, help="use a fixed random N of the test images")
     ap.add_argument("--loader-workers", type=int, default=0, help="FFCV threads (0: all cores)")
@@ -386,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write the whole result here as JSON")
+    ap.add_argument("--explain-kernels", action="store_true",
+                    help="print which kernels run each layer (with --kernels triton)")
     add_run_arguments(ap)
     args = ap.parse_args(argv)
     try:
@@ -398,11 +408,11 @@ def main(argv: list[str] | None = None) -> int:
             channels_last=args.channels_last, compile=args.compile, kernels=args.kernels,
             train_subset=args.train_subset, test_subset=args.test_subset, data=args.data,
             cache=args.cache, loader_workers=args.loader_workers)
-        result = train(cfg)
+        result = train(cfg, explain_kernels=args.explain_kernels)
     except DataUnavailable as e:
         print(f"\nerror: no CIFAR-10 data.\n{e}", file=sys.stderr)
         return 2
-    except (SpecError, DataError, ValueError, NotImplementedError) as e:
+    except (SpecError, DataError, ValueError, KernelsUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:

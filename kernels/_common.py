@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 import triton
 
+from fastres.models import KernelsUnavailable
+
 # triton.jit reads TRITON_INTERPRET when a kernel is decorated, so this is fixed at import.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 OPS = os.environ.get("FASTRES_OPS", "auto")
@@ -52,7 +54,7 @@ def check_device(*tensors: torch.Tensor) -> None:
     where the kernels cannot run."""
     for t in tensors:
         if not triton_available(t.device):
-            raise RuntimeError(unavailable_reason(t.device))
+            raise KernelsUnavailable(unavailable_reason(t.device))
 
 
 def launch(kernel: Callable) -> Callable:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from fastres.kernels._common import triton_available, unavailable_reason
+from fastres.kernels._common import KernelsUnavailable, triton_available, unavailable_reason
 from fastres.kernels.batchnorm import batch_norm_act
 from fastres.kernels.conv import conv2d
 
@@ -110,9 +110,9 @@ class TritonResNet(ResNet):
 
 
 def build_triton(spec: ResNetSpec, device: torch.device | str | None = None) -> TritonResNet:
-    """The Triton model for `spec`; a RuntimeError, never a silent eager fall-back, where the
+    """The Triton model for `spec`; KernelsUnavailable, never a silent eager fall-back, where the
     kernels cannot run on `device` (default: the CUDA GPU if there is one, else the CPU)."""
     if not triton_available(device):
-        raise RuntimeError(f"kernels='triton' is not available: {unavailable_reason(device)}; "
-                           "use kernels='eager'")
+        raise KernelsUnavailable(f"kernels='triton' is not available: "
+                                 f"{unavailable_reason(device)}; use kernels='eager'")
     return TritonResNet(spec)

@@ -152,3 +152,18 @@ def test_compiled_loop_matches_eager_on_cpu(tiny_betons):
     for a, b in zip(eager.epochs, compiled.epochs, strict=True):
         assert b.train_loss == pytest.approx(a.train_loss, rel=1e-3)
         assert b.test_loss == pytest.approx(a.test_loss, rel=1e-3)
+
+
+def test_triton_kernels_where_they_cannot_run_is_a_clear_error(tiny_betons):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastres.train", "--spec", str(TINY), "--epochs", "1",
+         "--device", "cpu", "--kernels", "triton", "--data", str(tiny_betons.train.parent)],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "kernels='triton' is not available" in proc.stderr
+    assert "TRITON_INTERPRET=1" in proc.stderr and "Traceback" not in proc.stderr
