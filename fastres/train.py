@@ -260,6 +260,9 @@ def train(cfg: TrainConfig, data: BetonPair | None = None,
     saved = checkpoint.load() if checkpoint is not None else None
     if saved is not None:
         state, history = saved
+        if state["epoch"] != len(history):
+            raise ValueError(f"checkpoint is of epoch {state['epoch']} but {len(history)} "
+                             "epochs are recorded")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -267,9 +270,6 @@ def train(cfg: TrainConfig, data: BetonPair | None = None,
         torch.set_rng_state(state["torch_rng"])
         train_loader.generator.set_state(state["augment_rng"])
         train_loader.epoch = state["loader_epoch"]
-        if state["epoch"] != len(history):
-            raise ValueError(f"checkpoint is of epoch {state['epoch']} but {len(history)} "
-                             "epochs are recorded")
         log(f"[train] resuming after epoch {state['epoch']}")
     status, diverged_at = "completed", None
     if history and not _finite(history[-1]):  # killed between a diverged epoch and its report
