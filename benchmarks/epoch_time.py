@@ -316,7 +316,10 @@ class StepRunner:
         g = torch.cuda.CUDAGraph()
         if mode == "train":
             self.opt.zero_grad(set_to_none=True)  # grads come from the graph's own pool
-        with torch.cuda.graph(g):
+        # Captured on the stream the warm-ups ran on, so the lazily made backward state
+        # (AccumulateGrad and the like) belongs to it and not to the default stream; and
+        # thread-local, so FFCV's prefetching thread may go on copying batches meanwhile.
+        with torch.cuda.graph(g, stream=self.side, capture_error_mode="thread_local"):
             body(sx, sy)
         self.captured[key] = (g, sx, sy)
         torch.cuda.synchronize(self.device)

@@ -169,3 +169,13 @@ def test_loader_smoke_table(small_data, tmp_path):
 @pytest.mark.parametrize("script", ["device_check.sh", "prepare_device.sh"])
 def test_shell_scripts_parse(script):
     assert subprocess.run(["bash", "-n", str(BENCH / script)]).returncode == 0
+
+
+def test_epoch_time_deadline_skips_and_says_why(small_data, tmp_path):
+    data, cache = small_data
+    out = tmp_path / "d.json"
+    assert epoch_time.main(["--smoke", "--rungs", "3,1", "--deadline", "5", "--data", str(data),
+                            "--cache", str(cache), "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["structures"][0]["rows"]
+    assert [r["rung"] for r in rows] == [3, 1]  # run in the order asked
+    assert all(r["status"] == "skipped" and "deadline" in r["reason"] for r in rows)
