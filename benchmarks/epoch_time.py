@@ -360,7 +360,7 @@ def graph_loop(cfg, data_arrays, betons, epochs: int, on_epoch: Callable[[dict],
         train_loader, test_loader = make_loaders(cfg, betons)
 
     torch.manual_seed(cfg.seed)
-    model = build(cfg.spec, kernels=cfg.kernels).to(device)
+    model = build(cfg.spec, kernels=cfg.kernels, device=device).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     _, kwargs = OPTIMIZERS[cfg.optimizer]
@@ -476,7 +476,7 @@ def triton_status(spec) -> tuple[bool, str]:
     from fastres.models import build
 
     try:
-        build(spec, kernels="triton")
+        build(spec, kernels="triton", device="cuda")
     except NotImplementedError as e:
         return False, f"fastres.models.build(kernels='triton'): {e}"
     except Exception as e:
