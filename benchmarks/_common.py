@@ -186,11 +186,10 @@ def environment(device: torch.device) -> dict:
 
 
 def subset_indices(n: int | None, total: int) -> np.ndarray | None:
-    """The same fixed subset fastres.train uses (rng 0, sorted), so every rung sees the same
-    images."""
-    if n is None or n >= total:
-        return None
-    return np.sort(np.random.default_rng(0).permutation(total)[:n])
+    """The same fixed subset fastres.train uses, so every rung sees the same images."""
+    from fastres.data import fixed_subset  # no FFCV needed
+
+    return fixed_subset(n, total)
 
 
 def source_arrays(data: str, cache: str | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -60,6 +60,14 @@ class BetonPair:
     identity: str  # what results are keyed by: the same data always gives the same identity
 
 
+def fixed_subset(n: int | None, total: int) -> np.ndarray | None:
+    """A fixed random `n` of `total` indices (rng 0, so the same for every run and seed, which
+    keeps subset runs comparable), sorted so a sequential loader keeps the file's order."""
+    if n is None or n >= total:
+        return None
+    return np.sort(np.random.default_rng(0).permutation(total)[:n])
+
+
 def default_cache_dir() -> Path:
     env = os.environ.get("FASTRES_CACHE")
     if env:

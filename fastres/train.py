@@ -24,13 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import fastres
-from fastres.data import BetonPair, DataError, DataUnavailable, prepare
+from fastres.data import BetonPair, DataError, DataUnavailable, fixed_subset, prepare
 from fastres.loaders.augment import DeviceAugment
 from fastres.loaders.cifar import TEST_BATCH, TRAIN_BATCH, CifarLoader
 from fastres.models import KERNELS, KernelsUnavailable, build
@@ -71,7 +70,7 @@ class TrainConfig:
     test_subset: int | None = None
     data: str | None = None
     cache: str | None = None
-    loader_workers: int = 0  # FFCV threads; 0 = all cores
+    loader_workers: int = 0  # FFCV threads; 0 = torch's thread count
 
     def resolved(self) -> TrainConfig:
         """A copy with every None default replaced by the choice for this device."""
@@ -191,18 +190,11 @@ def make_loaders(cfg: TrainConfig, data: BetonPair) -> tuple[CifarLoader, CifarL
                               dtype=dtype)
     test_aug = DeviceAugment(crop=False, flip=False, normalize=cfg.normalize, dtype=dtype)
 
-    def subset(n: int | None, total: int) -> np.ndarray | None:
-        # Same images for every run and seed (rng 0), so subset runs stay comparable;
-        # sorted so the test order is still the file's order.
-        if n is None or n >= total:
-            return None
-        return np.sort(np.random.default_rng(0).permutation(total)[:n])
-
     train = CifarLoader(data.train, cfg.batch_size, True, device, train_aug, seed=cfg.seed,
-                        indices=subset(cfg.train_subset, data.num_train),
+                        indices=fixed_subset(cfg.train_subset, data.num_train),
                         num_workers=cfg.loader_workers)
     test = CifarLoader(data.test, cfg.test_batch_size, False, device, test_aug, seed=cfg.seed,
-                       indices=subset(cfg.test_subset, data.num_test),
+                       indices=fixed_subset(cfg.test_subset, data.num_test),
                        num_workers=cfg.loader_workers)
     return train, test
 
@@ -227,6 +219,8 @@ def train(cfg: TrainConfig, data: BetonPair | None = None,
     scheduler, scaler, RNG and loader state) and commits every epoch as it ends."""
     cfg = cfg.resolved()
     device = torch.device(cfg.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest algorithm
     if data is None:
         data = prepare(cfg.data, cfg.cache, log=log)
     train_loader, test_loader = make_loaders(cfg, data)
@@ -376,7 +370,8 @@ def add_run_arguments(ap: argparse.ArgumentParser) -> None:
                     help="eager: the PyTorch reference; triton: fastres' fused kernels")
     ap.add_argument("--train-subset", type=int, help="use a fixed random N of the training images")
     ap.add_argument("--test-subset", type=int, help="use a fixed random N of the test images")
-    ap.add_argument("--loader-workers", type=int, default=0, help="FFCV threads (0: all cores)")
+    ap.add_argument("--loader-workers", type=int, default=0,
+                    help="FFCV threads (0: torch's thread count, which FFCV also sets torch to)")
     ap.add_argument("--param-budget", type=int, default=PARAM_BUDGET)
 
 

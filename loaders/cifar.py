@@ -8,7 +8,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from fastres.loaders.augment import DeviceAugment
+
+# Importing FFCV sets torch's intra-op thread count to 1, and every FFCV Loader sets it to its
+# own worker count at each epoch. Keep the count torch had, and give the loaders that many
+# workers by default, so FFCV's resets leave it where the user put it.
+_threads = torch.get_num_threads()
+from ffcv.fields.basics import IntDecoder  # noqa: E402
+from ffcv.fields.rgb_image import SimpleRGBImageDecoder  # noqa: E402
+from ffcv.loader import Loader, OrderOption  # noqa: E402
+from ffcv.transforms import Squeeze, ToDevice, ToTensor  # noqa: E402
+
+torch.set_num_threads(_threads)
+
+from fastres.loaders.augment import DeviceAugment  # noqa: E402
 
 TRAIN_BATCH = 128
 TEST_BATCH = 100
@@ -24,18 +36,13 @@ class CifarLoader:
     def __init__(self, beton: str | Path, batch_size: int, train: bool, device: torch.device,
                  augment: DeviceAugment, seed: int = 0, indices: Sequence[int] | None = None,
                  num_workers: int = 0):
-        from ffcv.fields.basics import IntDecoder
-        from ffcv.fields.rgb_image import SimpleRGBImageDecoder
-        from ffcv.loader import Loader, OrderOption
-        from ffcv.transforms import Squeeze, ToDevice, ToTensor
-
         self.device = torch.device(device)
         self.augment = augment
         self.train = train
         on_gpu = self.device.type == "cuda"
         to_device = [ToDevice(self.device, non_blocking=True)] if on_gpu else []
         self.loader = Loader(
-            str(beton), batch_size=batch_size, num_workers=num_workers or -1,
+            str(beton), batch_size=batch_size, num_workers=num_workers or torch.get_num_threads(),
             order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL,
             drop_last=False, seed=seed, os_cache=True,
             indices=None if indices is None else np.asarray(indices),
