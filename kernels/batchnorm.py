@@ -201,12 +201,18 @@ def _iters(m: int, block_m: int) -> int:
     return triton.cdiv(triton.cdiv(m, block_m), _TARGET_PARTIALS)
 
 
-def _partial_stats(x2: torch.Tensor) -> Partials:
-    m, c = x2.shape
+def _partials_grid(m: int, c: int) -> tuple[int, int, int, int, int]:
+    """(block_m, block_c, iters, rows per program, programs along M) of a per-channel reduction
+    that leaves one partial row per program (summed on the host side: no atomics)."""
     block_m, block_c = _tiles(m, c)
     iters = _iters(m, block_m)
     rows = block_m * iters
-    g = triton.cdiv(m, rows)
+    return block_m, block_c, iters, rows, triton.cdiv(m, rows)
+
+
+def _partial_stats(x2: torch.Tensor) -> Partials:
+    m, c = x2.shape
+    block_m, block_c, iters, rows, g = _partials_grid(m, c)
     psum = empty((g, c), torch.float32, x2.device)
     pm2 = empty((g, c), torch.float32, x2.device)
     launch(_partial_stats_kernel)[(g, triton.cdiv(c, block_c))](
@@ -279,10 +285,7 @@ def _bwd_impl(dy: torch.Tensor, x: torch.Tensor, y: torch.Tensor, mean: torch.Te
     n, c, h, w = x.shape
     m = n * h * w
     dy2, x2, y2 = nhwc(dy).view(m, c), nhwc(x).view(m, c), nhwc(y).view(m, c)
-    block_m, block_c = _tiles(m, c)
-    iters = _iters(m, block_m)
-    rows = block_m * iters
-    g = triton.cdiv(m, rows)
+    block_m, block_c, iters, rows, g = _partials_grid(m, c)
     pdb = empty((g, c), torch.float32, x.device)
     pdw = empty((g, c), torch.float32, x.device)
     launch(_bwd_reduce_kernel)[(g, triton.cdiv(c, block_c))](

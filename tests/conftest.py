@@ -39,3 +39,18 @@ def tiny_betons(tmp_path) -> BetonPair:
     write_beton(folder / "train.beton", random_images(300), np.arange(300) % 10)
     write_beton(folder / "test.beton", random_images(120, 1), np.arange(120) % 10)
     return prepare(folder, cache=tmp_path / "cache")
+
+
+@pytest.fixture
+def poisoned_ieee_fp32():
+    """Kernel outputs filled with NaN before each kernel runs (an unwritten element fails), and
+    IEEE fp32 on both sides on a GPU (the Triton conv follows cuDNN's TF32 setting)."""
+    from fastres.kernels._common import poison_outputs
+
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with poison_outputs():
+            yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32

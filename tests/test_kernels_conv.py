@@ -19,23 +19,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fastres.kernels import batchnorm, conv
-from fastres.kernels._common import poison_outputs
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOL = {torch.float32: (dict(rtol=1e-4, atol=1e-4), dict(rtol=1e-4, atol=1e-4)),
        torch.bfloat16: (dict(rtol=2**-7, atol=1e-2), dict(rtol=2e-2, atol=2e-2))}
 
 
-@pytest.fixture(autouse=True)
-def poisoned():
-    # IEEE fp32 on both sides on a GPU (the Triton conv follows cuDNN's TF32 setting).
-    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        with poison_outputs():
-            yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+# Every test: outputs poisoned before kernels run, IEEE fp32 on both sides (conftest).
+pytestmark = pytest.mark.usefixtures("poisoned_ieee_fp32")
 
 
 F32, B16 = torch.float32, torch.bfloat16

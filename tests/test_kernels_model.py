@@ -15,7 +15,6 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from fastres.kernels._common import poison_outputs
 from fastres.kernels.model import TritonResNet
 
 from fastres.models import build
@@ -25,16 +24,8 @@ DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 GPU = DEV.type == "cuda"
 
 
-@pytest.fixture(autouse=True)
-def poisoned():
-    # IEEE fp32 on both sides on a GPU (the Triton conv follows cuDNN's TF32 setting).
-    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        with poison_outputs():
-            yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+# Every test: outputs poisoned before kernels run, IEEE fp32 on both sides (conftest).
+pytestmark = pytest.mark.usefixtures("poisoned_ieee_fp32")
 
 
 def pair(spec, seed=0):
