@@ -252,3 +252,38 @@ def test_workers_without_ray_says_how_to_install(grid_data, tmp_path, monkeypatc
     monkeypatch.setitem(sys.modules, "ray", None)  # makes `import ray` fail
     assert main([*grid_args(grid_data, tmp_path / "r"), "--workers", "2"]) == 2
     assert "pip install 'fastres[cluster]'" in capsys.readouterr().err
+
+
+def test_ray_worker_killed_mid_run_is_retried_and_resumes(grid_data, tmp_path):
+    """SIGKILL the worker process that holds a lease: Ray retries its task, the new worker
+    takes the dead owner's lease over and resumes from the checkpoint; the other cell goes on."""
+    pytest.importorskip("ray")
+    results = tmp_path / "ray-kill"
+    p = spawn(grid_args(grid_data, results, "--optimizers", "sgd", "--epochs", "6",
+                        "--workers", "2", "--max-retries", "2"))
+    deadline, victim = time.time() + 300, None
+    while time.time() < deadline and victim is None:
+        time.sleep(0.2)
+        if not (results / DB_NAME).exists():
+            continue
+        try:
+            rows = table(results, "SELECT run_id, lease_owner, epochs_done FROM runs "
+                         "WHERE lease_owner IS NOT NULL AND epochs_done >= 1 AND epochs_done < 5")
+        except sqlite3.OperationalError:
+            continue
+        if rows:
+            victim = rows[0]
+    if victim is None:
+        p.kill()
+        pytest.fail("no worker was ever mid-run")
+    run, owner, _ = victim
+    os.kill(int(owner.split(":")[1]), signal.SIGKILL)  # owner is host:pid:token
+    out = finish(p, timeout=400)
+    rows = dict(((r, (s, a, d)) for r, s, a, d in table(
+        results, "SELECT run_id, status, attempts, epochs_done FROM runs")))
+    assert rows[run] == ("completed", 2, 6), out
+    assert all(v[0] == "completed" and v[2] == 6 for v in rows.values())
+    epochs = [e for (e,) in table(results, f"SELECT epoch FROM epochs WHERE run_id = '{run}' "
+                                  "ORDER BY epoch")]
+    assert epochs == [1, 2, 3, 4, 5, 6]  # continuous, no duplicates
+    assert "restarting it from epoch 1" not in out  # resumed from its checkpoint
