@@ -212,11 +212,13 @@ class Checkpointer(Protocol):
 def train(cfg: TrainConfig, data: BetonPair | None = None,
           on_epoch: Callable[[EpochMetrics], None] | None = None,
           log: Callable[[str], None] = print,
-          checkpoint: Checkpointer | None = None, explain_kernels: bool = False) -> RunResult:
+          checkpoint: Checkpointer | None = None, explain_kernels: bool = False,
+          live: bool = False) -> RunResult:
     """Run the whole schedule; stops early (status "diverged") on a non-finite loss.
 
     With a checkpoint, a run resumes after its last committed epoch (model, optimizer,
-    scheduler, scaler, RNG and loader state) and commits every epoch as it ends."""
+    scheduler, scaler, RNG and loader state) and commits every epoch as it ends. live=True
+    shows a batch counter on stderr during long epochs."""
     cfg = cfg.resolved()
     device = torch.device(cfg.device)
     if device.type == "cuda":
@@ -276,7 +278,12 @@ def train(cfg: TrainConfig, data: BetonPair | None = None,
         # Sums stay on the device: one host sync per epoch, not per step.
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
-        for images, labels in train_loader:
+        shown = time.monotonic()
+        for step, (images, labels) in enumerate(train_loader, 1):
+            if live and time.monotonic() - shown > 2:  # a long (CPU) epoch: show it moving
+                shown = time.monotonic()
+                print(f"\r  epoch {epoch}: batch {step}/{len(train_loader)}", end="",
+                      file=sys.stderr, flush=True)
             with autocast():
                 logits = step_model(images)
                 loss = F.cross_entropy(logits, labels)
@@ -287,6 +294,8 @@ def train(cfg: TrainConfig, data: BetonPair | None = None,
             loss_sum += loss.detach().float() * labels.numel()
             correct += (logits.argmax(1) == labels).sum()
         sched.step()
+        if live:
+            print("\r\033[K", end="", file=sys.stderr, flush=True)  # clear the batch counter
         train_loss = loss_sum.item() / train_loader.num_samples
         train_acc = correct.item() / train_loader.num_samples
         test_loss, test_acc = evaluate(step_model, test_loader, autocast)
@@ -403,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
             channels_last=args.channels_last, compile=args.compile, kernels=args.kernels,
             train_subset=args.train_subset, test_subset=args.test_subset, data=args.data,
             cache=args.cache, loader_workers=args.loader_workers)
-        result = train(cfg, explain_kernels=args.explain_kernels)
+        result = train(cfg, explain_kernels=args.explain_kernels, live=sys.stderr.isatty())
     except DataUnavailable as e:
         print(f"\nerror: no CIFAR-10 data.\n{e}", file=sys.stderr)
         return 2
