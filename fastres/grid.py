@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from fastres.data import SYNTHETIC, SYNTHETIC_WARNING, BetonPair, DataError, DataUnavailable
+from fastres.models import KernelsUnavailable
 from fastres.structures import STRUCTURES, ResNetSpec, SpecError, describe
 from fastres.train import (
     OPTIMIZERS,
@@ -488,8 +489,14 @@ def main(argv: list[str] | None = None) -> int:
                    "kernels": args.kernels, "loader_workers": args.loader_workers,
                    "cache": args.cache}
         # Check the compute flags once here rather than failing every cell with them.
-        TrainConfig(spec=cells[0].spec, train_subset=plan.train_subset,
-                    test_subset=plan.test_subset, **compute).resolved()
+        resolved = TrainConfig(spec=cells[0].spec, train_subset=plan.train_subset,
+                               test_subset=plan.test_subset, **compute).resolved()
+        if resolved.kernels == "triton":
+            from fastres.kernels._common import triton_available, unavailable_reason
+
+            if not triton_available(resolved.device):
+                raise KernelsUnavailable(f"--kernels triton: {unavailable_reason(resolved.device)}"
+                                         "; use --kernels eager")
         jobs, flop, epochs_done, done = [], {}, {}, set()
         for c in cells:
             rid = register(db, c, protocol, data.source)
@@ -515,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nerror: no CIFAR-10 data.\n{e}\nTo see the grid work without it: "
               f"python -m fastres.grid --preset smoke --data {SYNTHETIC}", file=sys.stderr)
         return 2
-    except (GridError, ResultsError, DataError, SpecError, ValueError) as e:
+    except (GridError, ResultsError, DataError, SpecError, ValueError, KernelsUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     failed = [j.cell.label for j in jobs if j.run_id not in progress.done]

@@ -287,3 +287,13 @@ def test_ray_worker_killed_mid_run_is_retried_and_resumes(grid_data, tmp_path):
                                   "ORDER BY epoch")]
     assert epochs == [1, 2, 3, 4, 5, 6]  # continuous, no duplicates
     assert "restarting it from epoch 1" not in out  # resumed from its checkpoint
+
+
+def test_triton_kernels_where_they_cannot_run_fail_before_any_cell(grid_data, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "fastres.grid",
+                           *grid_args(grid_data, tmp_path / "r"), "--kernels", "triton"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "--kernels triton:" in proc.stderr and "TRITON_INTERPRET=1" in proc.stderr
+    assert table(tmp_path / "r", "SELECT COUNT(*) FROM runs") == [(0,)]
