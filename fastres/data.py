@@ -303,7 +303,10 @@ def check_beton(path: Path, count: int | None = None) -> int:
     return n
 
 
-def _write_json_atomic(path: Path, obj: dict) -> None:
+def write_json_atomic(path: str | os.PathLike, obj: dict) -> None:
+    """Write JSON so that `path` only ever holds a whole file (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=2))
     os.replace(tmp, path)
@@ -331,7 +334,7 @@ def _convert(kind: str, root: Path, folder: Path, log) -> BetonPair:
     splits = reader(root)
     for split, (x, y) in splits.items():
         write_beton(folder / f"{split}.beton", x, y)
-    _write_json_atomic(folder / "manifest.json", {
+    write_json_atomic(folder / "manifest.json", {
         "version": MANIFEST_VERSION, "kind": kind, "source": str(root),
         "num_train": len(splits["train"][0]), "num_test": len(splits["test"][0]),
         "num_classes": int(max(splits["train"][1].max(), splits["test"][1].max()) + 1),
@@ -367,7 +370,7 @@ def synthetic(cache: Path, log=print) -> BetonPair:
         return pair
     for split, (n, seed) in (("train", (10_000, 0)), ("test", (2_000, 1))):
         write_beton(folder / f"{split}.beton", *make_synthetic(n, seed))
-    _write_json_atomic(folder / "manifest.json", {
+    write_json_atomic(folder / "manifest.json", {
         "version": MANIFEST_VERSION, "kind": SYNTHETIC, "source": SYNTHETIC,
         "num_train": 10_000, "num_test": 2_000, "num_classes": 10})
     pair = _cached_pair(folder, SYNTHETIC, SYNTHETIC)

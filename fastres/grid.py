@@ -465,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from fastres.data import prepare
-    from fastres.results import ResultsDB, ResultsError
+    from fastres.results import DONE, ResultsDB, ResultsError
 
     try:
         plan = plan_from_args(args)
@@ -503,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
             row = db.run(rid)
             flop[rid] = epoch_flop(c.spec, n_train, n_test)
             epochs_done[rid] = row["epochs_done"]
-            if row["status"] in ("completed", "diverged"):
+            if row["status"] in DONE:
                 done.add(rid)
             jobs.append(Job(c, protocol, rid, str(db.folder), data, compute,
                             args.max_retries + 1, args.quiet))

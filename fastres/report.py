@@ -21,9 +21,7 @@ from pathlib import Path
 from statistics import mean
 
 from fastres.paper import OPTIMIZER_ORDER, TABLE3, TABLE4
-from fastres.results import DB_NAME, ResultsDB, ResultsError
-
-FINISHED = ("completed", "diverged")
+from fastres.results import DB_NAME, DONE, ResultsDB, ResultsError
 
 
 def _row_name(r: dict) -> str:
@@ -54,7 +52,7 @@ def table_cells(runs: list[dict]) -> list[dict]:
             pooled[(r["tmax"], bool(r["augment"]), _row_name(r), r["optimizer"])].append(r)
     cells = []
     for (tmax, aug, row, opt), rs in sorted(pooled.items(), key=lambda kv: _sort_key(kv[0])):
-        done = [r for r in rs if r["status"] in FINISHED and r["best_acc"] is not None]
+        done = [r for r in rs if r["status"] in DONE and r["best_acc"] is not None]
         key = (int(row), opt, aug) if row.isdigit() else None
         paper_acc = TABLE3.get(key) if key and tmax == 200 else None
         paper_ep = TABLE4.get(key) if key and tmax == 200 else None
@@ -229,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     if others:
         notes.append(f"other protocols in this folder (not mixed in): {', '.join(others)}; "
                      "choose one with --protocol")
-    finished = sum(r["status"] in FINISHED for r in runs)
+    finished = sum(r["status"] in DONE for r in runs)
     notes.append(f"{finished}/{len(runs)} runs finished")
     if not args.no_figures:
         fig_dir = Path(args.figures) if args.figures else Path(args.results) / "figures"

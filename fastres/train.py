@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
-import os
 import platform
 import subprocess
 import sys
@@ -29,7 +27,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fastres
-from fastres.data import BetonPair, DataError, DataUnavailable, fixed_subset, prepare
+from fastres.data import (
+    BetonPair,
+    DataError,
+    DataUnavailable,
+    fixed_subset,
+    prepare,
+    write_json_atomic,
+)
 from fastres.loaders.augment import DeviceAugment
 from fastres.loaders.cifar import TEST_BATCH, TRAIN_BATCH, CifarLoader
 from fastres.models import KERNELS, KernelsUnavailable, build
@@ -346,14 +351,6 @@ def evaluate(model: nn.Module, loader: CifarLoader, autocast) -> tuple[float, fl
         correct += (logits.argmax(1) == labels).sum()
     model.train()
     return loss_sum.item() / loader.num_samples, correct.item() / loader.num_samples
-
-
-def write_json_atomic(path: str | os.PathLike, obj: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, allow_nan=True))
-    os.replace(tmp, path)
 
 
 def on_off(text: str) -> bool:

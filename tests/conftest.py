@@ -54,3 +54,15 @@ def poisoned_ieee_fp32():
             yield
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """No network and no FASTRES_DATA: torchvision's CIFAR-10 download fails as it does here."""
+    import urllib.error
+
+    def no_network(*_a, **_k):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr("torchvision.datasets.CIFAR10.download", no_network)
+    monkeypatch.delenv("FASTRES_DATA", raising=False)

@@ -2,7 +2,6 @@
 
 import pickle
 import tarfile
-import urllib.error
 
 import numpy as np
 import pytest
@@ -209,12 +208,7 @@ def test_empty_tar_split(tmp_path, splits):
         prepare(tmp_path / "t.tar.gz", cache=tmp_path / "cache")
 
 
-def test_download_failure_says_how_to_point_at_a_copy(tmp_path, monkeypatch):
-    def offline(*_a, **_k):
-        raise urllib.error.URLError("no network")
-
-    monkeypatch.setattr("torchvision.datasets.CIFAR10.download", offline)
-    monkeypatch.delenv("FASTRES_DATA", raising=False)
+def test_download_failure_says_how_to_point_at_a_copy(tmp_path, offline):
     with pytest.raises(DataUnavailable, match="could not be downloaded.*--data PATH"):
         prepare(None, cache=tmp_path / "cache", log=lambda _m: None)
 
@@ -227,14 +221,9 @@ def test_downloaded_copy_in_cache_is_used(tmp_path, monkeypatch):
     assert pair.kind == "cifar-python" and pair.num_train == 10
 
 
-def test_train_cli_without_data(tmp_path, monkeypatch, capsys):
+def test_train_cli_without_data(tmp_path, offline, capsys):
     from fastres.train import main
 
-    def offline(*_a, **_k):
-        raise urllib.error.URLError("no network")
-
-    monkeypatch.setattr("torchvision.datasets.CIFAR10.download", offline)
-    monkeypatch.delenv("FASTRES_DATA", raising=False)
     assert main(["--epochs", "1", "--cache", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "could not be downloaded" in err and "--data PATH" in err

@@ -223,14 +223,7 @@ def test_presets_plan(capsys):
     assert "4 cells, 2000 epochs" in capsys.readouterr().out
 
 
-def test_no_data_offers_the_smoke_preset(tmp_path, monkeypatch, capsys):
-    import urllib.error
-
-    def offline(*_a, **_k):
-        raise urllib.error.URLError("no network")
-
-    monkeypatch.setattr("torchvision.datasets.CIFAR10.download", offline)
-    monkeypatch.delenv("FASTRES_DATA", raising=False)
+def test_no_data_offers_the_smoke_preset(tmp_path, offline, capsys):
     assert main(["--results", str(tmp_path / "r"), "--cache", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err
     assert "could not be downloaded" in err and "--data PATH" in err
