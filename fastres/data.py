@@ -14,6 +14,7 @@ and a cached pair is checked on open (sample count, image shape) and rebuilt if 
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
@@ -21,6 +22,7 @@ import os
 import pickle
 import tarfile
 import warnings
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,7 @@ import numpy as np
 IMAGE_SHAPE = (32, 32, 3)
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck")
+NUM_CLASSES = len(CIFAR10_CLASSES)  # the model's output width: labels must be 0..9
 CIFAR_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
 MANIFEST_VERSION = 1
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp")
@@ -181,21 +184,33 @@ def read_cifar_python(root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return out
 
 
-def _class_index(classes: list[str], where: str) -> dict[str, int]:
-    if not classes:
-        raise DataError(f"{where} has no class folders")
-    return {c: i for i, c in enumerate(sorted(classes))}
+def _names(classes: list[str]) -> str:
+    return ", ".join(classes[:20]) + (" ..." if len(classes) > 20 else "") if classes else "none"
+
+
+def _class_index(train: set[str], test: set[str], where: str) -> dict[str, int]:
+    """Label of each class folder, in sorted order (CIFAR-10's own order for its ten names).
+    Exactly ten, the same in train/ and test/: the model has ten outputs, and another set would
+    train on the wrong classes without a word, or fail mid-run on a label past 9."""
+    tr, te = sorted(train), sorted(test)
+    if len(tr) != NUM_CLASSES:
+        raise DataError(f"{where}: train/ has {len(tr)} class folders ({_names(tr)}); CIFAR-10 "
+                        f"has exactly {NUM_CLASSES} ({', '.join(CIFAR10_CLASSES)})")
+    if tr != te:
+        raise DataError(f"{where}: test/ has class folders ({_names(te)}) other than train/'s "
+                        f"({_names(tr)}); both need the same {NUM_CLASSES}")
+    return {c: i for i, c in enumerate(tr)}
 
 
 def read_imagefolder(root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    classes = _class_index([p.name for p in (root / "train").iterdir() if p.is_dir()],
-                           str(root / "train"))
+    folders = {split: sorted(p for p in (root / split).iterdir() if p.is_dir())
+               for split in ("train", "test")}
+    classes = _class_index({p.name for p in folders["train"]}, {p.name for p in folders["test"]},
+                           f"--data {root}")
     out = {}
     for split in ("train", "test"):
         images, labels = [], []
-        for cdir in sorted(p for p in (root / split).iterdir() if p.is_dir()):
-            if cdir.name not in classes:
-                raise DataError(f"{cdir} is a class folder that train/ does not have")
+        for cdir in folders[split]:
             for f in sorted(cdir.iterdir()):
                 if f.suffix.lower() in IMAGE_SUFFIXES:
                     images.append(_decode(f.read_bytes(), str(f)))
@@ -219,11 +234,23 @@ def _tar_members(path: Path) -> Iterator[tuple[str, str, str, bytes]]:
                 if Path(parts[2]).suffix.lower() not in IMAGE_SUFFIXES:
                     continue
                 yield parts[0], parts[1], m.name, tf.extractfile(m).read()  # type: ignore[union-attr]
-    except tarfile.TarError as e:
-        reason = str(e).splitlines()[0]
+            # tarfile stops quietly at a damaged header, which would train on part of the data:
+            # read the stream to its end so that gzip checks its length and CRC.
+            while tf.fileobj.read(1 << 20):  # type: ignore[union-attr]
+                pass
+    except (EOFError, tarfile.ReadError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if isinstance(e, EOFError) or "unexpected end of data" in reason:
+            raise DataError(f"--data {path}: archive {path.name} is truncated ({reason}); it "
+                            "ends before its last file: copy or download it again") from None
         raise DataError(f"--data {path} is not a readable tar archive ({reason}); expected a "
                         ".tar.gz of an ImageFolder tree (train/<class>/*.jpg, test/<class>/*.jpg)"
                         ) from None
+    except (tarfile.TarError, zlib.error, gzip.BadGzipFile, OSError) as e:
+        if isinstance(e, OSError) and e.errno is not None:  # the file system's, not the data's
+            raise DataError(f"--data {path}: cannot read it ({e})") from None
+        raise DataError(f"--data {path}: archive {path.name} is corrupt or truncated "
+                        f"({type(e).__name__}: {e}): copy or download it again") from None
 
 
 def read_tar(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -234,13 +261,11 @@ def read_tar(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         raise DataError(f"--data {path} holds {len(by_split['train'])} train/ and "
                         f"{len(by_split['test'])} test/ images; expected an ImageFolder tree "
                         "train/<class>/*.jpg and test/<class>/*.jpg")
-    classes = _class_index(sorted({c for c, _, _ in by_split["train"]}), f"{path}:train/")
+    classes = _class_index({c for c, _, _ in by_split["train"]},
+                           {c for c, _, _ in by_split["test"]}, f"--data {path}")
     out = {}
     for split, items in by_split.items():
         items.sort(key=lambda t: (t[0], t[1]))  # the order an ImageFolder walk gives
-        unknown = {c for c, _, _ in items} - set(classes)
-        if unknown:
-            raise DataError(f"{path}: {split}/ has class folders train/ lacks: {sorted(unknown)}")
         out[split] = _stack([im for _, _, im in items], [classes[c] for c, _, _ in items],
                             f"{path}:{split}/")
     return out
@@ -298,6 +323,13 @@ def check_beton(path: Path, count: int | None = None) -> int:
         raise DataError(f"{path}: first field is not an RGB image field")
     if n == 0 or not (np.all(img["width"] == 32) and np.all(img["height"] == 32)):
         raise DataError(f"{path}: {n} samples, expected non-empty 32x32 images")
+    # An IntField keeps its values in the metadata: checking every label costs nothing.
+    if "f1" not in names or meta["f1"].dtype.kind not in "iu":
+        raise DataError(f"{path}: second field is not an integer label field")
+    labels = meta["f1"]
+    if labels.min() < 0 or labels.max() >= NUM_CLASSES:
+        raise DataError(f"{path}: labels run {labels.min()}..{labels.max()}; CIFAR-10's are "
+                        f"0..{NUM_CLASSES - 1} (ten classes)")
     if count is not None and n != count:
         raise DataError(f"{path} holds {n} samples, expected {count}")
     return n

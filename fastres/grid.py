@@ -7,6 +7,8 @@
 
 Results go to `--results DIR` (default ./runs): an SQLite database and checkpoints. Rerunning
 the same command resumes; finished runs are skipped. See fastres/results.py for the guarantees.
+A cell that failed --max-retries + 1 times stays failed (exit 1) until a rerun with
+--retry-failed. Ctrl-C or SIGTERM stops at once and gives the run back (exit 130/143).
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import argparse
 import functools
 import hashlib
 import json
+import math
 import os
+import sqlite3
 import sys
 import time
 from collections import deque
@@ -31,8 +35,10 @@ from fastres.train import (
     TRAIN_BATCH,
     WEIGHT_DECAY,
     EpochMetrics,
+    Interrupted,
     TrainConfig,
     add_run_arguments,
+    stop_on_signals,
 )
 
 H200_BF16_FLOPS = 790e12  # measured dense bf16 rate quoted in protocol.md: the speed floor
@@ -259,13 +265,14 @@ class Progress:
                 print(f"{self.head()} {self.labels[rid]}: epoch {n}/{self.epochs}", flush=True)
             self.epochs_done[rid] = n
 
-    def cell(self, rid: str, outcome: str) -> None:
+    def cell(self, rid: str, outcome: str, detail: str = "") -> None:
         if outcome in ("completed", "diverged", "done"):
             self.done.add(rid)
         elif outcome == "failed":
             self.failed.add(rid)
         if outcome != "busy":
-            print(f"{self.head()} {self.labels[rid]}: {outcome}", flush=True)
+            print(f"{self.head()} {self.labels[rid]}: {detail or outcome}", flush=True,
+                  file=sys.stderr if outcome == "failed" else sys.stdout)
 
 
 @dataclass
@@ -282,12 +289,43 @@ class Job:
     quiet: bool
 
 
-def run_job(job: Job, on_epoch=None, threads: int | None = None) -> str:
-    """Lease, train (resuming if there is a checkpoint) and record one cell. Returns 'completed',
-    'diverged', 'failed', 'done' (finished before) or 'busy' (another live process has it)."""
+def cell_config(cell: Cell, protocol: Protocol, compute: dict) -> TrainConfig:
+    """The run of one cell, as every worker builds it (and the grid checks before any cell)."""
+    p, c = protocol, cell
+    return TrainConfig(spec=c.spec, structure=c.structure, optimizer=c.optimizer,
+                       augment=c.augment, normalize=c.normalize, epochs=p.epochs, tmax=c.tmax,
+                       lr=p.lr, weight_decay=p.weight_decay, seed=c.seed,
+                       batch_size=p.batch_size, test_batch_size=p.test_batch_size,
+                       train_subset=p.train_subset, test_subset=p.test_subset, **compute)
+
+
+RETRY_HINT = "rerun with --retry-failed to try it again"
+
+
+def failed_detail(row: dict, max_attempts: int) -> str:
+    """What a failed cell's line says: the attempts, the last error, and what a rerun does."""
+    n = row["attempts"]
+    then = (RETRY_HINT if n >= max_attempts
+            else f"a rerun tries it again ({max_attempts - n} attempt(s) left)")
+    return f"failed after {n} attempt{'s' if n != 1 else ''}: {row['error']}; {then}"
+
+
+def run_job(job: Job, on_epoch=None, threads: int | None = None) -> tuple[str, str]:
+    """Lease, train (resuming if there is a checkpoint) and record one cell. Returns the outcome,
+    'completed', 'diverged', 'failed', 'done' (finished before) or 'busy' (another live process
+    has it), and for 'failed' a line saying why. A full disk (DiskFull) or a signal (Interrupted)
+    gives the run back unfinished, its attempt not counted, and is raised: the grid stops."""
     import torch
 
-    from fastres.results import Heartbeat, LeaseLost, ResultsDB, RunCheckpointer, new_owner
+    from fastres.results import (
+        DiskFull,
+        Heartbeat,
+        LeaseLost,
+        ResultsDB,
+        ResultsError,
+        RunCheckpointer,
+        new_owner,
+    )
     from fastres.train import train
 
     if threads:
@@ -296,14 +334,11 @@ def run_job(job: Job, on_epoch=None, threads: int | None = None) -> str:
     owner = new_owner()
     try:
         got = db.acquire(job.run_id, owner, max_attempts=job.max_attempts)
+        if got == "failed":  # at the retry cap: failed, never "done"
+            return got, failed_detail(db.run(job.run_id), job.max_attempts)
         if got != "acquired":
-            return got
-        p, c = job.protocol, job.cell
-        cfg = TrainConfig(spec=c.spec, structure=c.structure, optimizer=c.optimizer,
-                          augment=c.augment, normalize=c.normalize, epochs=p.epochs, tmax=c.tmax,
-                          lr=p.lr, weight_decay=p.weight_decay, seed=c.seed,
-                          batch_size=p.batch_size, test_batch_size=p.test_batch_size,
-                          train_subset=p.train_subset, test_subset=p.test_subset, **job.compute)
+            return got, ""
+        cfg = cell_config(job.cell, job.protocol, job.compute)
         log = (lambda _m: None) if job.quiet else (lambda m: print(m, flush=True))
 
         def warn(message: str) -> None:  # printed even when quiet
@@ -316,15 +351,22 @@ def run_job(job: Job, on_epoch=None, threads: int | None = None) -> str:
                                log=lambda m: None if m.startswith("epoch") else log(m),
                                checkpoint=RunCheckpointer(db, job.run_id, owner, warn))
             except LeaseLost:
-                return "busy"
+                return "busy", ""
+            except DiskFull:
+                raise  # every other cell would fail the same way
             except Exception as e:  # the grid goes on; the error is recorded with the run
                 db.fail(job.run_id, owner, f"{type(e).__name__}: {e}")
-                print(f"[grid] {c.label} failed: {type(e).__name__}: {e}", file=sys.stderr)
-                return "failed"
+                return "failed", failed_detail(db.run(job.run_id), job.max_attempts)
             if beat.lost:
-                return "busy"
+                return "busy", ""
         db.finish(job.run_id, owner, result)
-        return result.status
+        return result.status, ""
+    except (KeyboardInterrupt, DiskFull):  # Interrupted is a KeyboardInterrupt
+        try:
+            db.release(job.run_id, owner)  # a no-op unless this owner holds the lease
+        except (sqlite3.Error, ResultsError):
+            pass  # the lease of a dead owner is taken over by the next grid anyway
+        raise
     finally:
         db.close()
 
@@ -352,8 +394,8 @@ def run_local(jobs: list[Job], progress: Progress, poll: float = 2.0) -> None:
     while pending:
         busy = []
         for job in pending:
-            outcome = run_job(job, on_epoch=progress.epoch)
-            progress.cell(job.run_id, outcome)
+            outcome, detail = run_job(job, on_epoch=progress.epoch)
+            progress.cell(job.run_id, outcome, detail)
             if outcome == "busy":
                 busy.append(job)
         pending = busy
@@ -361,7 +403,7 @@ def run_local(jobs: list[Job], progress: Progress, poll: float = 2.0) -> None:
             time.sleep(poll)
 
 
-def _ray_job(job: Job, threads: int) -> str:
+def _ray_job(job: Job, threads: int) -> tuple[str, str]:
     return run_job(job, on_epoch=None, threads=threads)
 
 
@@ -370,7 +412,7 @@ def run_ray(jobs: list[Job], progress: Progress, workers: int | None, runs_per_g
     """Cells as Ray tasks (a local cluster unless --ray ADDRESS), each on 1/runs_per_gpu GPU.
     A task whose worker dies is retried by Ray up to max_retries times and resumes from its
     last checkpoint; every worker writes to the one results database."""
-    from fastres.results import ResultsDB
+    from fastres.results import DiskFull, ResultsDB
 
     try:
         import ray
@@ -408,12 +450,13 @@ def run_ray(jobs: list[Job], progress: Progress, workers: int | None, runs_per_g
             for ref in ready:
                 job = inflight.pop(ref)
                 try:
-                    outcome = ray.get(ref)
+                    outcome, detail = ray.get(ref)
+                except DiskFull as e:  # from a worker: every other cell would meet it too
+                    raise DiskFull(str(getattr(e, "cause", e))) from None
                 except ray.exceptions.RayError as e:  # worker died more than max_retries times
-                    print(f"[grid] {job.cell.label}: worker lost ({type(e).__name__}); "
-                          "giving up on it for this invocation", file=sys.stderr)
-                    outcome = "failed"
-                progress.cell(job.run_id, outcome)
+                    outcome, detail = "failed", (f"failed: worker lost ({type(e).__name__}); "
+                                                 "a rerun resumes it")
+                progress.cell(job.run_id, outcome, detail)
                 if outcome == "busy":
                     time.sleep(1.0)
                     queue.append(job)
@@ -458,12 +501,52 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--ray", metavar="ADDRESS", help="run on an existing Ray cluster")
     ap.add_argument("--max-retries", type=int, default=2,
                     help="retries of a cell whose worker dies or whose run fails")
+    ap.add_argument("--retry-failed", action="store_true",
+                    help="give runs that failed --max-retries + 1 times that many attempts again")
     add_run_arguments(ap)
     return ap
 
 
+def check_flags(args: argparse.Namespace) -> None:
+    """The grid's own numeric flags, before anything runs."""
+    if args.workers is not None and args.workers < 1:
+        raise GridError(f"--workers must be at least 1, got {args.workers}")
+    if args.runs_per_gpu < 1:
+        raise GridError(f"--runs-per-gpu must be at least 1, got {args.runs_per_gpu}")
+    if args.max_retries < 0:
+        raise GridError(f"--max-retries must be 0 or more, got {args.max_retries}")
+    # NaN would reach the epochs table as NULL (SQLite has no NaN) and fail each cell there.
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        raise GridError(f"--lr must be a positive finite number, got {args.lr}")
+
+
+def effective_subset(asked: int | None, available: int, what: str, flag: str) -> int | None:
+    """The subset a run really uses (what results are keyed and reported by): a request above
+    what the data holds is clamped to all of it, with a warning."""
+    if asked is None or asked <= available:
+        return asked
+    print(f"[grid] warning: {flag} {asked} is more than the {available} {what} images of this "
+          f"data; using (and recording) all {available}", file=sys.stderr, flush=True)
+    return available
+
+
+def _subset_flag(args: argparse.Namespace, which: str) -> str:
+    flag = f"--{which}-subset"
+    return flag if getattr(args, f"{which}_subset") is not None else \
+        f"{flag} (of --preset {args.preset})"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        with stop_on_signals():  # SIGINT, SIGTERM: stop at once, give the run back
+            return _run(args)
+    except KeyboardInterrupt as e:  # Interrupted, or Ctrl-C before the handlers were set
+        print("[grid] interrupted; rerun to resume", file=sys.stderr, flush=True)
+        return e.exit_code if isinstance(e, Interrupted) else 130
+
+
+def _run(args: argparse.Namespace) -> int:
     from fastres.data import prepare
     from fastres.results import DONE, ResultsDB, ResultsError
 
@@ -473,40 +556,50 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print_plan(cells, plan)
             return 0
-        if args.workers is not None and args.workers < 1:
-            raise GridError(f"--workers must be at least 1, got {args.workers}")
-        if args.runs_per_gpu < 1:
-            raise GridError(f"--runs-per-gpu must be at least 1, got {args.runs_per_gpu}")
+        check_flags(args)
         db = ResultsDB(args.results)  # fail on a bad folder before spending time on data
-        data = prepare(args.data, args.cache)
-        protocol = Protocol(epochs=plan.epochs, lr=args.lr, train_subset=plan.train_subset,
-                            test_subset=plan.test_subset, data=data.identity,
-                            data_kind=data.kind)
-        n_train = min(plan.train_subset or data.num_train, data.num_train)
-        n_test = min(plan.test_subset or data.num_test, data.num_test)
         compute = {"device": args.device, "precision": args.precision,
                    "channels_last": args.channels_last, "compile": args.compile,
                    "kernels": args.kernels, "loader_workers": args.loader_workers,
                    "cache": args.cache}
-        # Check the compute flags once here rather than failing every cell with them.
-        resolved = TrainConfig(spec=cells[0].spec, train_subset=plan.train_subset,
-                               test_subset=plan.test_subset, **compute).resolved()
+        # Check the run settings once here, built as each cell builds them, rather than failing
+        # every cell (and using up its attempts) with them.
+        asked = Protocol(epochs=plan.epochs, lr=args.lr, train_subset=plan.train_subset,
+                         test_subset=plan.test_subset)
+        try:
+            resolved = cell_config(cells[0], asked, compute).resolved(log=lambda _m: None)
+        except ValueError as e:
+            raise GridError(str(e)) from None
         if resolved.kernels == "triton":
             from fastres.kernels._common import triton_available, unavailable_reason
 
             if not triton_available(resolved.device):
                 raise KernelsUnavailable(f"--kernels triton: {unavailable_reason(resolved.device)}"
                                          "; use --kernels eager")
+        data = prepare(args.data, args.cache)
+        train_subset = effective_subset(plan.train_subset, data.num_train, "training",
+                                        _subset_flag(args, "train"))
+        test_subset = effective_subset(plan.test_subset, data.num_test, "test",
+                                       _subset_flag(args, "test"))
+        protocol = Protocol(epochs=plan.epochs, lr=args.lr, train_subset=train_subset,
+                            test_subset=test_subset, data=data.identity, data_kind=data.kind)
+        n_train, n_test = train_subset or data.num_train, test_subset or data.num_test
+        max_attempts = args.max_retries + 1
         jobs, flop, epochs_done, done = [], {}, {}, set()
         for c in cells:
             rid = register(db, c, protocol, data.source)
-            row = db.run(rid)
-            flop[rid] = epoch_flop(c.spec, n_train, n_test)
-            epochs_done[rid] = row["epochs_done"]
+            jobs.append(Job(c, protocol, rid, str(db.folder), data, compute, max_attempts,
+                            args.quiet))
+        if args.retry_failed:
+            n = db.retry_failed([j.run_id for j in jobs])
+            print(f"[grid] --retry-failed: {n} failed run(s) get {max_attempts} more "
+                  f"attempt(s)", flush=True)
+        for j in jobs:
+            row = db.run(j.run_id)
+            flop[j.run_id] = epoch_flop(j.cell.spec, n_train, n_test)
+            epochs_done[j.run_id] = row["epochs_done"]
             if row["status"] in DONE:
-                done.add(rid)
-            jobs.append(Job(c, protocol, rid, str(db.folder), data, compute,
-                            args.max_retries + 1, args.quiet))
+                done.add(j.run_id)
         db.close()
         use_ray = args.ray is not None or (args.workers or 1) > 1
         workers = args.workers if use_ray else 1
@@ -523,17 +616,22 @@ def main(argv: list[str] | None = None) -> int:
               f"python -m fastres.grid --preset smoke --data {SYNTHETIC}", file=sys.stderr)
         return 2
     except (GridError, ResultsError, DataError, SpecError, ValueError, KernelsUnavailable) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)  # ResultsError includes a full disk (DiskFull)
         return 2
-    failed = [j.cell.label for j in jobs if j.run_id not in progress.done]
-    print(f"[grid] {len(progress.done)}/{len(jobs)} cells finished; report: "
-          f"python -m fastres.report --results {args.results}", flush=True)
+    failed = [j.cell.label for j in jobs if j.run_id in progress.failed]
+    unfinished = [j.cell.label for j in jobs
+                  if j.run_id not in progress.done and j.run_id not in progress.failed]
+    print(f"[grid] {len(progress.done)}/{len(jobs)} cells finished"
+          + (f", {len(failed)} failed" if failed else "")
+          + f"; report: python -m fastres.report --results {args.results}", flush=True)
     if data.kind == SYNTHETIC:
         print(f"[grid] WARNING: {SYNTHETIC_WARNING}", flush=True)
     if failed:
-        print(f"[grid] not finished: {', '.join(failed)}", file=sys.stderr)
-        return 1
-    return 0
+        print(f"[grid] failed: {', '.join(failed)} (errors above; a cell that has used up its "
+              "attempts stays failed: rerun with --retry-failed to try again)", file=sys.stderr)
+    if unfinished:
+        print(f"[grid] not finished: {', '.join(unfinished)}", file=sys.stderr)
+    return 1 if failed or unfinished else 0
 
 
 if __name__ == "__main__":

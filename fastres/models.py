@@ -22,17 +22,45 @@ class KernelsUnavailable(RuntimeError):
     """kernels="triton" asked for where Triton cannot run; the message says what to do."""
 
 
+def strictly(t: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
+    """4-D `t` with exactly the strides of `memory_format` (a copy only where they differ).
+
+    `t.contiguous(memory_format=...)` is a no-op on a tensor whose size-1 dimensions make it
+    "contiguous" in both formats (a 1x1 weight, a 1x1 map) even when its strides are the other
+    format's; oneDNN and cuDNN then pick their algorithm from those strides."""
+    n, c, h, w = t.shape
+    want = ((c * h * w, h * w, w, 1) if memory_format == torch.contiguous_format
+            else (h * w * c, 1, w * c, c))
+    return t if t.stride() == want else t.clone(memory_format=memory_format)
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d (same parameters, same state_dict) that computes in contiguous NCHW on the CPU.
+
+    oneDNN's channels-last convolution backward returns silently wrong gradients at some odd
+    shapes on some CPUs (seen on AMD EPYC: 7 channels, batch 1-2, 10x10 maps), differently from
+    run to run; NCHW was right in every case tried. A model moved to channels-last, or fed a
+    channels-last batch, therefore still trains correctly on the CPU. On a GPU (cuDNN) it is
+    nn.Conv2d unchanged."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu":
+            nchw = torch.contiguous_format
+            return self._conv_forward(strictly(x, nchw), strictly(self.weight, nchw), self.bias)
+        return super().forward(x)
+
+
 class BasicBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, stride: int, f1: int, p1: int, k: int):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_ch, out_ch, f1, stride=stride, padding=p1, bias=False)
+        self.conv1 = Conv2d(in_ch, out_ch, f1, stride=stride, padding=p1, bias=False)
         self.bn1 = nn.BatchNorm2d(out_ch)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, f1, stride=1, padding=p1, bias=False)
+        self.conv2 = Conv2d(out_ch, out_ch, f1, stride=1, padding=p1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_ch)
         self.shortcut = nn.Sequential()
         if stride != 1 or in_ch != out_ch:
             self.shortcut = nn.Sequential(
-                nn.Conv2d(in_ch, out_ch, k, stride=stride, padding=0, bias=False),
+                Conv2d(in_ch, out_ch, k, stride=stride, padding=0, bias=False),
                 nn.BatchNorm2d(out_ch),
             )
 
@@ -46,7 +74,7 @@ class ResNet(nn.Module):
     def __init__(self, spec: ResNetSpec, num_classes: int = 10):
         super().__init__()
         self.spec = spec
-        self.conv1 = nn.Conv2d(3, spec.C_in, spec.F0, stride=1, padding=spec.P0, bias=False)
+        self.conv1 = Conv2d(3, spec.C_in, spec.F0, stride=1, padding=spec.P0, bias=False)
         self.bn1 = nn.BatchNorm2d(spec.C_in)
         in_ch = spec.C_in
         for i, (ch, blocks) in enumerate(zip(spec.layer_channels(), spec.B, strict=True)):

@@ -6,7 +6,8 @@
 Table 3 analog: best test accuracy per structure x optimizer, augmentation on and off, with row
 averages; Table 4 analog: the 1-based epoch of that best. Each cell shows ours, the paper's value
 and the difference. Figures 5 to 8 (test loss against epoch) are written as PNG beside them.
-A partial grid reports what it has and marks the rest.
+A partial grid reports what it has and marks the rest. The results are only read (SQLite's
+read-only mode), so a report works on a read-only copy; it writes nothing but the figures.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 from statistics import mean
 
 from fastres.paper import OPTIMIZER_ORDER, TABLE3, TABLE4
-from fastres.results import DB_NAME, DONE, ResultsDB, ResultsError
+from fastres.results import DONE, ResultsDB, ResultsError
 
 
 def _row_name(r: dict) -> str:
@@ -203,15 +204,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", default="runs")
     ap.add_argument("--format", choices=("markdown", "csv", "json"), default="markdown")
     ap.add_argument("--protocol", help="report this protocol id (default: the one with most runs)")
-    ap.add_argument("--figures", help="folder for the PNG figures (default RESULTS/figures)")
+    ap.add_argument("--figures", help="folder for the PNG figures (default RESULTS/figures, "
+                    "skipped with a note where that cannot be written)")
     ap.add_argument("--no-figures", action="store_true")
     ap.add_argument("--structure", help="structure of Figures 5-8: a Table 1 number or a spec "
                     "in brackets as the tables show it (default 1, else the first)")
     args = ap.parse_args(argv)
     try:
-        if not (Path(args.results) / DB_NAME).is_file():
-            raise ResultsError(f"{args.results} holds no fastres results ({DB_NAME} is missing)")
-        db = ResultsDB(args.results)
+        db = ResultsDB(args.results, readonly=True)  # a report never writes the results
         chosen, runs, others = choose_protocol(db.runs(), args.protocol)
     except ResultsError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -231,7 +231,15 @@ def main(argv: list[str] | None = None) -> int:
     notes.append(f"{finished}/{len(runs)} runs finished")
     if not args.no_figures:
         fig_dir = Path(args.figures) if args.figures else Path(args.results) / "figures"
-        notes += write_figures(db, runs, fig_dir, args.structure)
+        try:
+            notes += write_figures(db, runs, fig_dir, args.structure)
+        except OSError as e:
+            if args.figures:  # asked for there: an error
+                print(f"error: --figures {fig_dir}: cannot write ({e.strerror or e})",
+                      file=sys.stderr)
+                return 2
+            notes.append(f"figures: not written, {fig_dir} cannot be written "
+                         f"({e.strerror or e}); choose a folder with --figures DIR")
     if args.format == "json":
         print(json.dumps({"protocol": chosen, "notes": notes, "cells": cells}, indent=2))
     elif args.format == "csv":

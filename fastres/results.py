@@ -9,7 +9,9 @@ grid processes (or Ray workers) from training the same run; a dead owner's lease
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import json
 import os
 import socket
@@ -20,6 +22,7 @@ import uuid
 import warnings
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import torch
 
@@ -74,6 +77,23 @@ class ResultsError(RuntimeError):
     """A results folder that cannot be used as asked; the message says why."""
 
 
+class DiskFull(ResultsError):
+    """The results folder's filesystem is full: the grid stops rather than fail every cell."""
+
+
+# Errors a full filesystem (or quota) gives: the write cannot succeed until space is freed.
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _sqlite_full(e: BaseException) -> bool:
+    return isinstance(e, sqlite3.OperationalError) and "disk is full" in str(e)  # SQLITE_FULL
+
+
+def folder_full(folder: Path, reason: object) -> DiskFull:
+    return DiskFull(f"results folder is full: cannot write to {folder} ({reason}); free some "
+                    "space or choose another folder with --results DIR, then rerun to resume")
+
+
 class LeaseLost(RuntimeError):
     """Another process took this run over (our heartbeat stopped for too long)."""
 
@@ -106,20 +126,24 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save_checkpoint(path: Path, state: dict) -> str:
-    """Write atomically and durably; return the file's sha256."""
+    """Write atomically and durably; return the file's sha256. A failed write is an OSError
+    (errno ENOSPC when the disk is full), never a half-written file."""
+    # Serialised in memory first: torch.save straight into a file turns the OSError of a full
+    # disk into an opaque RuntimeError ("[enforce fail at inline_container.cc] unexpected pos").
+    buf = io.BytesIO()
+    torch.save(state, buf)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            f.write(buf.getbuffer())
             f.flush()
             os.fsync(f.fileno())
-        sha = _sha256(tmp)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
-    return sha
+    return hashlib.sha256(buf.getbuffer()).hexdigest()
 
 
 def _sha256(path: Path) -> str:
@@ -143,19 +167,17 @@ def load_checkpoint(path: Path, sha: str | None) -> dict:
 
 
 class ResultsDB:
-    """A results folder. Each instance holds its own connection (one per process or thread)."""
+    """A results folder. Each instance holds its own connection (one per process or thread).
+    readonly=True (reports) opens the database with SQLite's mode=ro and writes nothing."""
 
-    def __init__(self, folder: str | os.PathLike):
+    def __init__(self, folder: str | os.PathLike, readonly: bool = False):
         self.folder = Path(folder)
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            probe = self.folder / f".write-test-{os.getpid()}"
-            probe.write_text("ok")
-            probe.unlink()
-        except OSError as e:
-            raise ResultsError(f"results folder {self.folder} is not writable: {e.strerror or e}"
-                               " (choose another with --results DIR)") from None
         self.path = self.folder / DB_NAME
+        self.readonly = readonly
+        if readonly:
+            self._open_readonly()
+            return
+        self._probe()
         # Never open() the database file ourselves: closing any descriptor of it drops every
         # POSIX lock this process holds on it, including those of live SQLite connections.
         self.conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
@@ -167,16 +189,69 @@ class ResultsDB:
             self.conn.execute("PRAGMA synchronous = FULL")
         except sqlite3.DatabaseError as e:  # "file is not a database"
             self.conn.close()
+            if _sqlite_full(e):
+                raise folder_full(self.folder, e) from None
             raise ResultsError(f"{self.path} is not an SQLite database ({e}); refusing to touch "
                                "it (choose another folder with --results DIR)") from None
         except ResultsError:
             self.conn.close()
             raise
-        self.conn.executescript(SCHEMA)  # IF NOT EXISTS throughout: safe to race
-        with self.transaction(immediate=True):
-            self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('app', 'fastres')")
-            self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)",
-                              (str(SCHEMA_VERSION),))
+        try:
+            self.conn.executescript(SCHEMA)  # IF NOT EXISTS throughout: safe to race
+            with self.transaction(immediate=True):
+                self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('app', 'fastres')")
+                self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)",
+                                  (str(SCHEMA_VERSION),))
+        except (sqlite3.OperationalError, DiskFull) as e:
+            self.conn.close()
+            if _sqlite_full(e):
+                raise folder_full(self.folder, e) from None
+            raise
+
+    def _probe(self) -> None:
+        """Fail early, naming the folder, where it cannot be written."""
+        probe = self.folder / f".write-test-{os.getpid()}"
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            probe.write_text("ok")
+        except OSError as e:
+            if e.errno in FULL_ERRNOS:
+                raise folder_full(self.folder, e.strerror or e) from None
+            raise ResultsError(f"results folder {self.folder} is not writable: {e.strerror or e}"
+                               " (choose another with --results DIR)") from None
+        finally:  # also when the write failed half-way (a full disk creates, then cannot write)
+            try:
+                probe.unlink(missing_ok=True)
+            except OSError:
+                pass
+
+    def _open_readonly(self) -> None:
+        if not self.path.is_file():
+            raise ResultsError(f"{self.folder} holds no fastres results ({DB_NAME} is missing)")
+        uri = f"file:{quote(str(self.path.resolve()))}?mode=ro"
+        for extra in ("", "&immutable=1"):
+            self.conn = sqlite3.connect(uri + extra, uri=True, timeout=60, isolation_level=None)
+            self.conn.row_factory = sqlite3.Row
+            try:
+                self._check_foreign()
+                break
+            except sqlite3.OperationalError as e:
+                self.conn.close()
+                # A WAL database in a read-only folder whose -shm file is gone (the last writer
+                # closed cleanly) cannot be opened shared; nobody can write there, so reading it
+                # as immutable is safe.
+                if extra or "unable to open" not in str(e):
+                    raise ResultsError(f"cannot read {self.path}: {e}") from None
+            except sqlite3.DatabaseError as e:
+                self.conn.close()
+                raise ResultsError(f"{self.path} is not an SQLite database ({e})") from None
+            except ResultsError:
+                self.conn.close()
+                raise
+        if "runs" not in {r[0] for r in self.conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}:
+            self.conn.close()
+            raise ResultsError(f"{self.folder} holds no fastres results yet")
 
     def _check_foreign(self) -> None:
         tables = {r[0] for r in self.conn.execute(
@@ -195,7 +270,7 @@ class ResultsDB:
                                f"version reads schema {SCHEMA_VERSION}")
 
     def transaction(self, immediate: bool = False) -> _Transaction:
-        return _Transaction(self.conn, immediate)
+        return _Transaction(self.conn, immediate, self.folder)
 
     def close(self) -> None:
         self.conn.close()
@@ -227,7 +302,8 @@ class ResultsDB:
 
     def acquire(self, run_id: str, owner: str, ttl: float = LEASE_TTL,
                 max_attempts: int | None = None) -> str:
-        """'acquired', 'done' (finished, or failed too often) or 'busy' (a live owner has it)."""
+        """'acquired', 'done' (finished), 'failed' (failed max_attempts times: it stays failed
+        until retry_failed) or 'busy' (a live owner has it)."""
         now = time.time()
         with self.transaction(immediate=True):
             r = self.run(run_id)
@@ -237,7 +313,7 @@ class ResultsDB:
                 return "done"
             if r["status"] == "failed" and max_attempts is not None \
                     and r["attempts"] >= max_attempts:
-                return "done"
+                return "failed"
             held = r["lease_owner"] not in (None, owner)
             if held and r["lease_expires"] > now and not _owner_is_dead(r["lease_owner"]):
                 return "busy"
@@ -293,6 +369,22 @@ class ResultsDB:
                 "lease_expires = NULL, updated_at = ? WHERE run_id = ? AND lease_owner = ?",
                 (error, time.time(), run_id, owner))
 
+    def release(self, run_id: str, owner: str, status: str = "interrupted") -> None:
+        """Give a run back unfinished (interrupted, or stopped by a full disk): no lease, and the
+        attempt not counted, so a rerun resumes it from its last committed epoch."""
+        with self.transaction(immediate=True):
+            self.conn.execute(
+                "UPDATE runs SET status = ?, lease_owner = NULL, lease_expires = NULL, "
+                "attempts = MAX(attempts - 1, 0), updated_at = ? "
+                "WHERE run_id = ? AND lease_owner = ?", (status, time.time(), run_id, owner))
+
+    def retry_failed(self, run_ids: list[str]) -> int:
+        """Forget the attempts of these runs where they failed; returns how many there were."""
+        with self.transaction(immediate=True):
+            return self.conn.executemany(
+                "UPDATE runs SET attempts = 0 WHERE run_id = ? AND status = 'failed'",
+                [(r,) for r in run_ids]).rowcount
+
     def reset(self, run_id: str, owner: str) -> None:
         """Forget a run's epochs (its checkpoint is unusable): it starts again from epoch 1."""
         with self.transaction(immediate=True):
@@ -304,15 +396,27 @@ class ResultsDB:
 
 
 class _Transaction:
-    def __init__(self, conn: sqlite3.Connection, immediate: bool):
-        self.conn, self.immediate = conn, immediate
+    def __init__(self, conn: sqlite3.Connection, immediate: bool, folder: Path):
+        self.conn, self.immediate, self.folder = conn, immediate, folder
 
     def __enter__(self) -> None:
         # IMMEDIATE takes the write lock up front, so read-then-write is atomic across processes.
         self.conn.execute("BEGIN IMMEDIATE" if self.immediate else "BEGIN")
 
-    def __exit__(self, exc_type, *_exc) -> None:
-        self.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
+    def __exit__(self, exc_type, exc, _tb) -> None:
+        if exc_type is None:
+            try:
+                self.conn.execute("COMMIT")
+            except sqlite3.OperationalError as e:
+                if not _sqlite_full(e):
+                    raise
+                exc = e
+            else:
+                return
+        if self.conn.in_transaction:
+            self.conn.execute("ROLLBACK")
+        if exc is not None and _sqlite_full(exc):  # "database or disk is full"
+            raise folder_full(self.folder, exc) from None
 
 
 class RunCheckpointer:
@@ -327,26 +431,54 @@ class RunCheckpointer:
         if r is None or r["epochs_done"] == 0:
             return None
         history = self.db.epochs(self.run_id)
+        n = r["epochs_done"]
         try:
             state = load_checkpoint(self.db.folder / r["checkpoint"], r["checkpoint_sha"])
-            if state.get("epoch") != r["epochs_done"] or len(history) != r["epochs_done"]:
-                raise ResultsError(f"checkpoint is of epoch {state.get('epoch')}, the database "
-                                   f"records {r['epochs_done']} epochs")
+            # Exactly epochs 1..n: a count alone misses a gap, which would fail every rerun.
+            recorded = [m.epoch for m in history]
+            if recorded != list(range(1, n + 1)):
+                raise ResultsError(f"its epoch rows in the database are "
+                                   f"{_epoch_list(recorded)}, not 1..{n}")
+            if state.get("epoch") != n:
+                raise ResultsError(f"its checkpoint is of epoch {state.get('epoch')}, while the "
+                                   f"database records epochs 1..{n}")
         except ResultsError as e:
             msg = f"run {r['label']}: {e}; restarting it from epoch 1"
             warnings.warn(msg, stacklevel=2)
             self.log(f"[grid] warning: {msg}")
             self.db.reset(self.run_id, self.owner)
+            for old in self.folder.glob("epoch-*.pt"):  # none is usable any more
+                old.unlink(missing_ok=True)
             return None
         return state, history
 
     def commit(self, metrics: EpochMetrics, state: dict) -> None:
         path = self.folder / f"epoch-{metrics.epoch:04d}.pt"
-        sha = save_checkpoint(path, state)
-        self.db.commit_epoch(self.run_id, self.owner, metrics, path, sha)
+        try:
+            sha = save_checkpoint(path, state)
+        except OSError as e:
+            if e.errno in FULL_ERRNOS:
+                label = (self.db.run(self.run_id) or {}).get("label", self.run_id)
+                raise DiskFull(f"no space left writing the checkpoint of {label} (run "
+                               f"{self.run_id}) in {self.folder}: {e.strerror or e}; free some "
+                               "space, then rerun to resume") from None
+            raise
+        try:
+            self.db.commit_epoch(self.run_id, self.owner, metrics, path, sha)
+        except LeaseLost:
+            raise  # the file at this path may now be the new owner's
+        except BaseException:
+            # Not recorded: the file would be a stray (the database still names the last one).
+            path.unlink(missing_ok=True)
+            raise
         for old in self.folder.glob("epoch-*.pt"):  # only the referenced one is worth keeping
             if old != path:
                 old.unlink(missing_ok=True)
+
+
+def _epoch_list(epochs: list[int], most: int = 8) -> str:
+    shown = ", ".join(map(str, epochs[:most]))
+    return (shown + (f", ... ({len(epochs)} rows)" if len(epochs) > most else "")) or "none"
 
 
 class Heartbeat:
@@ -360,12 +492,18 @@ class Heartbeat:
 
     def _beat(self) -> None:
         folder, run_id, owner, ttl = self.args
-        db = ResultsDB(folder)
+        try:
+            db = ResultsDB(folder)
+        except ResultsError:  # e.g. a full disk: the run itself will meet it and say so
+            return
         try:
             while not self.stop.wait(ttl / 4):
-                if not db.heartbeat(run_id, owner, ttl):
-                    self.lost = True
-                    return
+                try:
+                    if not db.heartbeat(run_id, owner, ttl):
+                        self.lost = True
+                        return
+                except (sqlite3.OperationalError, DiskFull):
+                    continue  # busy or full for now: the next beat tries again
         finally:
             db.close()
 

@@ -188,9 +188,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fastres.structures", description=__doc__)
     ap.add_argument("--format", choices=("table", "json"), default="table")
     ap.add_argument("--spec", help="describe this custom spec instead of Table 1")
+    ap.add_argument("--param-budget", type=int, default=PARAM_BUDGET,
+                    help=f"largest parameter count --spec may have (default {PARAM_BUDGET:,})")
     args = ap.parse_args(argv)
     try:
-        rows = ({"structure": "custom", **describe(ResNetSpec.parse(args.spec).validate())}
+        rows = ({"structure": "custom",
+                 **describe(ResNetSpec.parse(args.spec).validate(args.param_budget))}
                 if args.spec else None)
     except SpecError as e:
         print(f"error: {e}", file=sys.stderr)

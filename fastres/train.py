@@ -11,13 +11,19 @@ switches (precision, channels-last, compile) change how it is computed, never wh
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import json
 import math
+import os
 import platform
+import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -50,6 +56,46 @@ OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict]] = {
 }
 WEIGHT_DECAY = 5e-4
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEVICE_FORMS = "cpu, cuda or cuda:N"
+# FFCV seeds numpy with seed + epoch (non-negative only) and the results store keeps it in a
+# signed 64-bit column: numpy's classic 32-bit seed range fits all of them.
+SEED_MAX = 2**32 - 1
+CPU_CHANNELS_LAST = ("channels-last on the CPU: oneDNN's channels-last convolution backward is "
+                     "wrong at some shapes on some CPUs; training in contiguous NCHW instead")
+
+
+def parse_device(text: str) -> torch.device:
+    """`--device` as a torch.device; ValueError unless it names the CPU or a visible CUDA GPU."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, TypeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be {DEVICE_FORMS}, got {text!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {text}: no CUDA GPU is visible to torch here "
+                             "(torch.cuda.is_available() is False); use --device cpu")
+        n = torch.cuda.device_count()
+        if device.index is not None and device.index >= n:
+            raise ValueError(f"--device {text}: only {n} CUDA GPU{'s' if n > 1 else ''} "
+                             f"visible ({'cuda:0' if n == 1 else f'cuda:0..cuda:{n - 1}'})")
+    return device
+
+
+def check_output_path(path: str | os.PathLike, flag: str) -> None:
+    """ValueError naming `flag` unless a file can be written at `path` (checked before a run, so
+    a long run never ends unable to save): not a folder, under a writable folder."""
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{flag} {path} is a folder; give a file path")
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:  # written with mkdir -p later
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{flag} {path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: folder {parent} is not writable")
 
 
 @dataclass
@@ -77,14 +123,24 @@ class TrainConfig:
     cache: str | None = None
     loader_workers: int = 0  # FFCV threads; 0 = torch's thread count
 
-    def resolved(self) -> TrainConfig:
-        """A copy with every None default replaced by the choice for this device."""
+    def resolved(self, log: Callable[[str], None] | None = None) -> TrainConfig:
+        """A copy with every None default replaced by the choice for this device; ValueError
+        naming the flag for any bad setting. Channels-last asked for on the CPU is switched off,
+        said through `log` (a warning without one)."""
+        self.check()
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        gpu = torch.device(device).type == "cuda"
+        gpu = parse_device(device).type == "cuda"
+        channels_last = gpu if self.channels_last is None else self.channels_last
+        if channels_last and not gpu:
+            if log is None:
+                warnings.warn(CPU_CHANNELS_LAST, stacklevel=2)
+            else:
+                log(f"[train] {CPU_CHANNELS_LAST}")
+            channels_last = False
         c = dataclasses.replace(
             self, device=device,
             precision=self.precision or ("bf16" if gpu else "fp32"),
-            channels_last=gpu if self.channels_last is None else self.channels_last,
+            channels_last=channels_last,
             compile=gpu if self.compile is None else self.compile,
             lr=OPTIMIZERS[self.optimizer][1]["lr"] if self.lr is None else self.lr,
         )
@@ -92,6 +148,10 @@ class TrainConfig:
         return c
 
     def check(self) -> None:
+        """ValueError naming the command-line flag of the first bad setting (None is allowed
+        where resolved() fills it in)."""
+        if self.device is not None:
+            parse_device(self.device)
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, "
                              f"got {self.optimizer!r}")
@@ -106,6 +166,14 @@ class TrainConfig:
                                  f"got {getattr(self, name)}")
         if self.tmax < 0:
             raise ValueError(f"--tmax must be 0 (constant rate) or positive, got {self.tmax}")
+        # A NaN or zero rate would only show as a wasted epoch and a "diverged" run.
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"--lr must be a positive finite number, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"--weight-decay must be zero or a positive finite number, "
+                             f"got {self.weight_decay}")
+        if not 0 <= self.seed <= SEED_MAX:
+            raise ValueError(f"--seed must be in 0..{SEED_MAX} (2**32 - 1), got {self.seed}")
         for name in ("train_subset", "test_subset"):
             v = getattr(self, name)
             if v is not None and v < 1:
@@ -192,8 +260,9 @@ def make_loaders(cfg: TrainConfig, data: BetonPair) -> tuple[CifarLoader, CifarL
     device = torch.device(cfg.device)
     dtype = PRECISIONS[cfg.precision] or torch.float32
     train_aug = DeviceAugment(crop=cfg.augment, flip=cfg.augment, normalize=cfg.normalize,
-                              dtype=dtype)
-    test_aug = DeviceAugment(crop=False, flip=False, normalize=cfg.normalize, dtype=dtype)
+                              dtype=dtype, channels_last=bool(cfg.channels_last))
+    test_aug = DeviceAugment(crop=False, flip=False, normalize=cfg.normalize, dtype=dtype,
+                             channels_last=bool(cfg.channels_last))
 
     train = CifarLoader(data.train, cfg.batch_size, True, device, train_aug, seed=cfg.seed,
                         indices=fixed_subset(cfg.train_subset, data.num_train),
@@ -202,6 +271,46 @@ def make_loaders(cfg: TrainConfig, data: BetonPair) -> tuple[CifarLoader, CifarL
                        indices=fixed_subset(cfg.test_subset, data.num_test),
                        num_workers=cfg.loader_workers)
     return train, test
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived (see stop_on_signals). A KeyboardInterrupt, not an Exception, so
+    that the `except Exception` around decoders and readers cannot swallow it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)  # args (signum,): pickles across processes
+        self.signum = signum
+
+    def __str__(self) -> str:
+        return signal.Signals(self.signum).name
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's 128 + signal number: 130 for SIGINT, 143 for SIGTERM."""
+        return 128 + self.signum
+
+
+@contextlib.contextmanager
+def stop_on_signals(signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)
+                    ) -> Iterator[None]:
+    """Within the block, each of `signums` raises Interrupted(signum) in the main thread, so the
+    work stops at once through its `finally` blocks (temp files removed, nothing half-written
+    kept) and the caller can exit cleanly; the previous handlers are restored on leaving. Off the
+    main thread, where Python cannot set handlers, it changes nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_interrupted(signum: int, _frame) -> None:
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, raise_interrupted) for s in signums}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            # None: a handler not set from Python; the default is the closest we can restore.
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
 
 
 class Checkpointer(Protocol):
@@ -224,7 +333,7 @@ def train(cfg: TrainConfig, data: BetonPair | None = None,
     With a checkpoint, a run resumes after its last committed epoch (model, optimizer,
     scheduler, scaler, RNG and loader state) and commits every epoch as it ends. live=True
     shows a batch counter on stderr during long epochs."""
-    cfg = cfg.resolved()
+    cfg = cfg.resolved(log)
     device = torch.device(cfg.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest algorithm
@@ -400,6 +509,16 @@ def main(argv: list[str] | None = None) -> int:
     add_run_arguments(ap)
     args = ap.parse_args(argv)
     try:
+        with stop_on_signals():
+            return _run(args)
+    except KeyboardInterrupt as e:  # Interrupted, or a Ctrl-C before the handlers were set
+        clear = "\r\033[K" if sys.stderr.isatty() else ""  # the live batch counter's line
+        print(f"{clear}interrupted", file=sys.stderr)
+        return e.exit_code if isinstance(e, Interrupted) else 128 + signal.SIGINT
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
         spec = resolve(args.structure, args.spec, args.param_budget)
         cfg = TrainConfig(
             spec=spec, structure=None if args.spec else (args.structure or 1),
@@ -408,7 +527,9 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed, device=args.device, precision=args.precision,
             channels_last=args.channels_last, compile=args.compile, kernels=args.kernels,
             train_subset=args.train_subset, test_subset=args.test_subset, data=args.data,
-            cache=args.cache, loader_workers=args.loader_workers)
+            cache=args.cache, loader_workers=args.loader_workers).resolved(log=print)
+        if args.json:  # before the data and the run, not after them
+            check_output_path(args.json, "--json")
         result = train(cfg, explain_kernels=args.explain_kernels, live=sys.stderr.isatty())
     except DataUnavailable as e:
         print(f"\nerror: no CIFAR-10 data.\n{e}", file=sys.stderr)
@@ -417,7 +538,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:
-        write_json_atomic(args.json, result.to_dict())
+        try:
+            write_json_atomic(args.json, result.to_dict())
+        except OSError as e:  # e.g. the disk filled during the run: keep the result anyway
+            print(f"error: --json {args.json}: cannot write ({e}); the result follows on stdout",
+                  file=sys.stderr)
+            print(json.dumps(result.to_dict(), indent=2))
+            return 2
         print(f"[train] wrote {args.json}")
     return 0 if result.status == "completed" else 3
 

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import triton
+import triton.language as tl
 
 from fastres.models import KernelsUnavailable
 
@@ -27,6 +28,10 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 OPS = os.environ.get("FASTRES_OPS", "auto")
 if OPS not in ("auto", "triton_op", "custom_op"):
     raise ValueError(f"FASTRES_OPS must be auto, triton_op or custom_op, got {OPS!r}")
+# The interpreter converts fp32 to bf16 by truncation (measured: half of all values differ from
+# torch's rounding); the GPU rounds to nearest even. Kernels convert through `cast`, which
+# rounds explicitly under the interpreter so that it computes what the GPU computes.
+ROUND_BF16 = tl.constexpr(INTERPRET)
 USE_TRITON_OP = OPS == "triton_op" or (OPS == "auto" and torch.cuda.is_available()
                                        and not INTERPRET)
 
@@ -107,3 +112,14 @@ def nhwc(x: torch.Tensor) -> torch.Tensor:
 
 def next_pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
+
+
+@triton.jit
+def cast(x, dtype: tl.constexpr):
+    """fp32 x converted to `dtype` rounding to nearest even, on the GPU and the interpreter."""
+    if ROUND_BF16:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))  # NaN stays NaN
+    return x.to(dtype)

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 import triton
 import triton.language as tl
-from fastres.kernels._common import check_device, define_op, empty, launch, next_pow2
+from fastres.kernels._common import cast, check_device, define_op, empty, launch, next_pow2
 
 
 @triton.jit
@@ -50,7 +50,7 @@ def _augment_kernel(src_ptr, idx_ptr, dy_ptr, dx_ptr, flip_ptr, mean_ptr, std_pt
         # Same operation order as the plain-torch path: (x/255 - mean) / std.
         v = (v - tl.load(mean_ptr + c, mask=mask, other=0.0)) / tl.load(std_ptr + c, mask=mask,
                                                                         other=1.0)
-    tl.store(out_ptr + b.to(tl.int64) * hwc + offs, v.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + b.to(tl.int64) * hwc + offs, cast(v, out_ptr.dtype.element_ty), mask=mask)
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -22,7 +22,15 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from fastres.kernels._common import check_device, define_op, empty, launch, next_pow2, nhwc
+from fastres.kernels._common import (
+    cast,
+    check_device,
+    define_op,
+    empty,
+    launch,
+    next_pow2,
+    nhwc,
+)
 
 # Rows of partial statistics aimed for per channel: enough programs to fill an H200's 132 SMs a
 # few times over, few enough that the finalize reads a negligible amount.
@@ -121,11 +129,11 @@ def _fwd_kernel(x_ptr, res_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, M, C,
     z = x * scale[None, :] + shift[None, :]
     if HAS_RES:
         # Rounded to the storage dtype first, as eager's separate bn -> add kernels do.
-        z = z.to(y_ptr.dtype.element_ty).to(tl.float32) + tl.load(res_ptr + offs,
+        z = cast(z, y_ptr.dtype.element_ty).to(tl.float32) + tl.load(res_ptr + offs,
                                                                     mask=mask).to(tl.float32)
     if RELU:
         z = tl.maximum(z, 0.0)
-    tl.store(y_ptr + offs, z.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + offs, cast(z, y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -168,7 +176,7 @@ def _bwd_kernel(dy_ptr, x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, db_ptr, dw_ptr,
     if RELU:
         dz = tl.where(tl.load(y_ptr + offs, mask=mask) > 0, dz, 0.0)
     if HAS_RES:
-        tl.store(dres_ptr + offs, dz.to(dres_ptr.dtype.element_ty), mask=mask)
+        tl.store(dres_ptr + offs, cast(dz, dres_ptr.dtype.element_ty), mask=mask)
     rstd = tl.load(rstd_ptr + cols, mask=cmask)
     scale = tl.load(w_ptr + cols, mask=cmask).to(tl.float32) * rstd
     if TRAINING:
@@ -180,7 +188,7 @@ def _bwd_kernel(dy_ptr, x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, db_ptr, dw_ptr,
         dx = scale[None, :] * (dz - db[None, :] - xhat * dw[None, :])
     else:
         dx = scale[None, :] * dz
-    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(dx_ptr + offs, cast(dx, dx_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------- launchers

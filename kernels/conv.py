@@ -9,10 +9,11 @@ buffer is ever written. While the finished tile is still in registers the epilog
 per channel to (sum, sum of squared deviations from the tile's mean): the Partials that
 kernels/batchnorm.py merges, so BatchNorm needs no pass over the output to find its statistics.
 
-Backward: aten's convolution_backward, which is cuDNN's dgrad and wgrad on the GPU. Why not
-Triton: the fused statistic is a forward-only saving; the two backward GEMMs have nothing to fuse
-(BatchNorm's backward already produced their input), and cuDNN's per-shape tuned kernels are at
-least as fast as an implicit GEMM we would have to tune for every shape of the nine structures.
+Backward: aten's convolution_backward (cuDNN's dgrad and wgrad on the GPU), handed tensors of
+one memory format (see backward_format). Why not Triton: the fused statistic is a forward-only
+saving; the two backward GEMMs have nothing to fuse (BatchNorm's backward already produced their
+input), and cuDNN's per-shape tuned kernels are at least as fast as an implicit GEMM we would
+have to tune for every shape of the nine structures.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import triton
 import triton.language as tl
 from fastres.kernels._common import (
     INTERPRET,
+    cast,
     check_device,
     define_op,
     empty,
@@ -30,6 +32,8 @@ from fastres.kernels._common import (
     nhwc,
 )
 from fastres.kernels.batchnorm import Partials
+
+from fastres.models import strictly
 
 
 def out_size(size: int, kernel: int, padding: int, stride: int) -> int:
@@ -87,7 +91,7 @@ def _conv_fwd_kernel(x_ptr, w_ptr, out_ptr, psum_ptr, pm2_ptr,
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
-    out = acc.to(out_ptr.dtype.element_ty)
+    out = cast(acc, out_ptr.dtype.element_ty)
     mask = rmask[:, None] & cmask[None, :]
     tl.store(out_ptr + rows[:, None].to(tl.int64) * C_OUT + cols[None, :], out, mask=mask)
     if STATS:
@@ -160,11 +164,24 @@ def _setup(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(output[1], output[2])
 
 
+def backward_format(device: torch.device) -> torch.memory_format:
+    """The one memory format the backward hands aten, for grad_out, x and weight alike.
+
+    aten picks its algorithm from the input's format and trusts the others to match: a
+    channels-last x with an NCHW grad_out gave a weight gradient 25x too large on an AMD CPU
+    (oneDNN read out of bounds). On the CPU even matching channels-last tensors are not safe
+    (oneDNN's channels-last backward is wrong at some odd shapes), so the CPU gets contiguous
+    NCHW; cuDNN's fastest path on the GPU is channels-last."""
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
 def _backward(ctx, grad_out: torch.Tensor, _gsum, _gm2):
     x, weight = ctx.saved_tensors
     s, p = ctx.stride, ctx.padding
+    fmt = backward_format(x.device)
     dx, dw, _ = torch.ops.aten.convolution_backward(
-        grad_out, x, weight, None, [s, s], [p, p], [1, 1], False, [0, 0], 1,
+        strictly(grad_out, fmt), strictly(x, fmt), strictly(weight, fmt), None, [s, s], [p, p],
+        [1, 1], False, [0, 0], 1,
         [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False])
     return dx, dw, None, None, None
 

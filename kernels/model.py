@@ -14,9 +14,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from fastres.kernels._common import KernelsUnavailable, triton_available, unavailable_reason
 from fastres.kernels.batchnorm import batch_norm_act
-from fastres.kernels.conv import conv2d
+from fastres.kernels.conv import backward_format, conv2d
 
-from fastres.models import BasicBlock, ResNet
+from fastres.models import BasicBlock, ResNet, strictly
 from fastres.structures import ResNetSpec
 
 
@@ -45,7 +45,9 @@ def conv_bn_act(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d,
         raise ValueError("the Triton conv takes square strides and paddings")
     weight = conv.weight.to(x.dtype)
     if backend == "aten":
-        out, partials = F.conv2d(x, weight, None, stride, padding), None
+        fmt = backward_format(x.device)  # aten's backward trusts only one format per device
+        out = F.conv2d(strictly(x, fmt), strictly(weight, fmt), None, stride, padding)
+        partials = None
     else:
         out, partials = conv2d(x, weight, stride, padding, stats=bn.training)
     return batch_norm_act(out, bn, residual, relu, partials)

@@ -1,4 +1,5 @@
-"""Crop, flip and normalise on the device, from a uint8 NHWC batch to float channels-last NCHW.
+"""Crop, flip and normalise on the device, from a uint8 NHWC batch to float channels-last NCHW
+(or contiguous NCHW with channels_last=False, as the CPU trains).
 
 Plain torch ops (one gather, one fused-by-the-allocator affine); the single-pass Triton version
 is fastres.kernels.augment, which DeviceAugment uses for CUDA tensors (backend="auto"). The
@@ -80,6 +81,9 @@ class DeviceAugment:
     # Triton cannot run); "auto": triton for CUDA tensors, torch otherwise. Both draw the same
     # random parameters from the generator, so a seed gives the same crops either way.
     backend: str = "auto"
+    # False: contiguous NCHW batches, for a model that does not run channels-last (the CPU:
+    # a channels-last input would send oneDNN down its channels-last path anyway).
+    channels_last: bool = True
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -97,11 +101,14 @@ class DeviceAugment:
             from fastres.kernels.augment import augment
 
             p = random_params(batch, self.crop, self.flip, images.device, generator)
-            return augment(images, p.dy, p.dx, p.flip, self.dtype, self.normalize, pad=PAD,
-                           index=index)
-        if index is not None:
-            images = images[index]
-        if self.crop or self.flip:
-            p = random_params(images.shape[0], self.crop, self.flip, images.device, generator)
-            images = crop_flip(images, p)
-        return normalize(images, self.dtype, self.normalize)
+            out = augment(images, p.dy, p.dx, p.flip, self.dtype, self.normalize, pad=PAD,
+                          index=index)
+        else:
+            if index is not None:
+                images = images[index]
+            if self.crop or self.flip:
+                p = random_params(images.shape[0], self.crop, self.flip, images.device,
+                                  generator)
+                images = crop_flip(images, p)
+            out = normalize(images, self.dtype, self.normalize)
+        return out if self.channels_last else out.contiguous()

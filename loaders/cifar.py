@@ -27,7 +27,8 @@ TEST_BATCH = 100
 
 
 class CifarLoader:
-    """Iterates (images, labels): float NCHW channels-last images and int64 labels on `device`.
+    """Iterates (images, labels): float NCHW images (channels-last unless augment.channels_last
+    is False) and int64 labels on `device`.
 
     train=True: order reshuffled every epoch (seeded: epoch e uses seed + e), last partial batch
     kept. train=False: sequential. `indices` selects a subset (smoke runs, tests).

@@ -8,6 +8,7 @@ import torch
 # module is imported (triton.jit reads it at decoration time).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,29 @@ def jpeg_betons(tmp_path_factory) -> BetonPair:
             pytest.fail(f"CI needs the shared CIFAR-10 copy at {SHARED_JPEG}")
         pytest.skip(f"no shared CIFAR-10 copy at {SHARED_JPEG}")
     return prepare(SHARED_JPEG, cache=tmp_path_factory.mktemp("cache"), log=lambda _m: None)
+
+
+def stable_seed(*parts: object) -> int:
+    """A seed from a test case's description that is the same in every process: CRC-32 of its
+    repr (Python's hash() of a string is salted per process)."""
+    return zlib.crc32(repr(parts).encode())
+
+
+def scaled_error(actual: torch.Tensor, expected: torch.Tensor, floor: float = 0.0) -> float:
+    """max |actual - expected| over max |expected| (or `floor`, if larger): an error relative to
+    the tensor's scale, so a near-zero entry (whose own relative error is meaningless in low
+    precision) cannot fail it. `floor` is the scale of the terms a result is summed from, for a
+    tensor that is zero in exact arithmetic and so holds only their rounding noise."""
+    scale = max(expected.detach().double().abs().max().item(), floor, 1e-30)
+    return ((actual.detach().double() - expected.detach().double()).abs().max() / scale).item()
+
+
+def assert_scaled_close(actual: torch.Tensor, expected: torch.Tensor, rel: float,
+                        what: str = "", floor: float = 0.0) -> None:
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} vs {expected.shape}"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite entries"
+    err = scaled_error(actual, expected, floor)
+    assert err <= rel, f"{what}: max error {err:.3e} of the largest entry, allowed {rel:.1e}"
 
 
 def random_images(n: int, seed: int = 0) -> np.ndarray:

@@ -45,7 +45,7 @@ def write_cifar_python(root, train_x, train_y, test_x, test_y):
         pickle.dump({b"label_names": [c.encode() for c in fdata.CIFAR10_CLASSES]}, f)
 
 
-def write_tree(root, splits, classes=("cat", "dog", "frog")):
+def write_tree(root, splits, classes=fdata.CIFAR10_CLASSES):
     """ImageFolder tree of PNGs (lossless, so the round trip is exact)."""
     for split, (x, y) in splits.items():
         for i, (img, label) in enumerate(zip(x, y, strict=True)):
@@ -62,8 +62,8 @@ def tree_order(x, y):
 
 @pytest.fixture
 def splits():
-    return {"train": (random_images(60, 5), np.arange(60) % 3),
-            "test": (random_images(21, 6), np.arange(21) % 3)}
+    return {"train": (random_images(60, 5), np.arange(60) % 10),
+            "test": (random_images(21, 6), np.arange(21) % 10)}
 
 
 def test_cifar_python_round_trip(tmp_path):
@@ -227,3 +227,72 @@ def test_train_cli_without_data(tmp_path, offline, capsys):
     assert main(["--epochs", "1", "--cache", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "could not be downloaded" in err and "--data PATH" in err
+
+
+def tar_of(tree, archive):
+    with tarfile.open(archive, "w:gz") as tf:
+        for split in ("train", "test"):
+            tf.add(tree / split, arcname=split)
+    return archive
+
+
+def ten(n):
+    return np.arange(n) % 10
+
+
+@pytest.mark.parametrize("train_classes, test_classes, message", [
+    (fdata.CIFAR10_CLASSES[:9], fdata.CIFAR10_CLASSES[:9], "train/ has 9 class folders"),
+    ((*fdata.CIFAR10_CLASSES, "zebra"), (*fdata.CIFAR10_CLASSES, "zebra"),
+     "train/ has 11 class folders .*zebra"),
+    (fdata.CIFAR10_CLASSES, (*fdata.CIFAR10_CLASSES[:9], "zebra"),
+     "test/ has class folders .*zebra.* other than train/'s"),
+])
+@pytest.mark.parametrize("packed", [False, True])
+def test_class_folders_must_be_the_same_ten(tmp_path, train_classes, test_classes, message,
+                                            packed):
+    """Issue 8: 9 classes trained without a word, 11 failed mid-run on label 10."""
+    for split, classes in (("train", train_classes), ("test", test_classes)):
+        n = 2 * len(classes)
+        write_tree(tmp_path / "tree", {split: (random_images(n), np.arange(n) % len(classes))},
+                   classes)
+    src = tar_of(tmp_path / "tree", tmp_path / "t.tar.gz") if packed else tmp_path / "tree"
+    with pytest.raises(DataError, match=message) as e:
+        prepare(src, cache=tmp_path / "cache")
+    assert str(src) in str(e.value)
+    assert not list((tmp_path / "cache").rglob("*.beton"))
+
+
+def test_any_ten_class_names_are_accepted_in_sorted_order(tmp_path):
+    names = tuple(f"c{i}" for i in range(10))
+    write_tree(tmp_path / "tree", {"train": (random_images(20), ten(20)),
+                                   "test": (random_images(10), ten(10))}, names)
+    pair = prepare(tmp_path / "tree", cache=tmp_path / "cache")
+    assert read_back(pair.test)[1].tolist() == list(range(10))
+
+
+def test_ready_betons_with_labels_past_9_are_refused(tmp_path):
+    write_beton(tmp_path / "b" / "train.beton", random_images(11), np.arange(11))
+    write_beton(tmp_path / "b" / "test.beton", random_images(10), ten(10))
+    with pytest.raises(DataError, match=r"train.beton: labels run 0..10; CIFAR-10's are 0..9"):
+        prepare(tmp_path / "b", cache=tmp_path / "cache")
+
+
+def test_truncated_archive_is_a_clear_error_and_caches_nothing(tmp_path, splits):
+    write_tree(tmp_path / "tree", splits)
+    whole = tar_of(tmp_path / "tree", tmp_path / "whole.tar.gz").read_bytes()
+    half = tmp_path / "half.tar.gz"
+    half.write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(DataError, match=r"archive half.tar.gz is truncated"):
+        prepare(half, cache=tmp_path / "cache")
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+
+
+def test_archive_with_a_bad_crc_is_not_read_in_part(tmp_path, splits):
+    """tarfile alone ends quietly at a damaged member; the gzip trailer must still be checked."""
+    write_tree(tmp_path / "tree", splits)
+    data = bytearray(tar_of(tmp_path / "tree", tmp_path / "t.tar.gz").read_bytes())
+    data[-8] ^= 0xFF  # the CRC-32 in gzip's trailer
+    (tmp_path / "t.tar.gz").write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"archive t.tar.gz is corrupt or truncated .*CRC"):
+        prepare(tmp_path / "t.tar.gz", cache=tmp_path / "cache")
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]

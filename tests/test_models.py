@@ -141,3 +141,18 @@ def test_kernel_switch():
         build(spec, kernels="cudnn")
     triton_model = build(spec, kernels="triton")  # the interpreter runs it here (conftest)
     assert isinstance(triton_model, nn.Module) and type(triton_model) is not type(build(spec))
+
+
+@pytest.mark.parametrize("shape", [(5, 6, 1, 1), (1, 7, 1, 1), (2, 3, 1, 4), (3, 4, 5, 6)])
+def test_strictly_gives_the_format_strides_where_contiguous_does_not(shape):
+    """A 1x1 weight moved to channels-last is is_contiguous() in both formats, so .contiguous()
+    keeps its channels-last strides and oneDNN takes its channels-last path from them."""
+    from fastres.models import strictly
+
+    t = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+    nchw = strictly(t, torch.contiguous_format)
+    assert nchw.stride() == torch.empty(shape).stride()
+    assert torch.equal(nchw, t)
+    cl = strictly(nchw, torch.channels_last)
+    assert cl.stride() == torch.empty(shape, memory_format=torch.channels_last).stride()
+    assert strictly(cl, torch.channels_last) is cl

@@ -1,8 +1,13 @@
 """Reports: Tables 3/4 analogs against the paper, partial grids, formats and figures."""
 
+import contextlib
 import csv
 import io
 import json
+import os
+import sqlite3
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -124,3 +129,69 @@ def test_report_errors(tmp_path, capsys):
     ResultsDB(tmp_path / "empty").close()
     assert main(["--results", str(tmp_path / "empty")]) == 2
     assert "holds no runs yet" in capsys.readouterr().err
+
+
+@contextlib.contextmanager
+def read_only(folder: Path):
+    """The folder and everything in it made read-only, for root too: chmod, and as root the
+    immutable attribute (chattr +i); skips where neither stops a write here."""
+    entries = [folder, *folder.rglob("*")]
+    modes = {p: p.stat().st_mode for p in entries}
+    for p in entries:
+        p.chmod(0o555 if p.is_dir() else 0o444)
+    immutable = os.geteuid() == 0 and subprocess.run(
+        ["chattr", "-R", "+i", str(folder)], capture_output=True).returncode == 0
+    try:
+        try:
+            (folder / "probe").touch()
+        except OSError:
+            yield
+        else:
+            (folder / "probe").unlink()
+            pytest.skip("cannot make a folder read-only here (root without chattr +i)")
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-R", "-i", str(folder)], check=True)
+        for p, mode in modes.items():
+            p.chmod(mode)
+
+
+def snapshot(folder: Path) -> dict[str, tuple]:
+    """Each entry's size and mtime, the folders' included: a file written, created or deleted
+    (even created and deleted again) changes it."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in [folder, *folder.rglob("*")]}
+
+
+def test_report_on_a_read_only_results_folder(paper_like, tmp_path, capsys):
+    figs = tmp_path / "figs"
+    with read_only(paper_like):
+        before = snapshot(paper_like)
+        assert main(["--results", str(paper_like), "--no-figures"]) == 0
+        assert "95.10 (95.03, +0.07)" in capsys.readouterr().out
+        assert main(["--results", str(paper_like)]) == 0  # its default figures folder
+        out = capsys.readouterr().out
+        assert "figures: not written" in out and "--figures DIR" in out
+        assert "95.10 (95.03, +0.07)" in out
+        assert main(["--results", str(paper_like), "--figures", str(figs)]) == 0
+        assert (figs / "fig5_optimizers_augmented.png").read_bytes()[:8] == PNG
+        assert snapshot(paper_like) == before
+
+
+def test_report_reads_a_live_grid_read_only(paper_like, capsys):
+    """With a grid writing (its WAL not yet checkpointed), a report sees its commits through
+    SQLite's mode=ro, and its connection cannot write."""
+    writer = ResultsDB(paper_like)
+    record(writer, Cell(STRUCTURES[1], 1, "nesterov"), Protocol(epochs=3, data="d",
+                                                                 data_kind="test"),
+           [0.5, 0.6, 0.7])
+    reader = ResultsDB(paper_like, readonly=True)
+    try:
+        assert "nesterov" in {r["optimizer"] for r in reader.runs()}
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+            reader.conn.execute("DELETE FROM runs")
+        assert main(["--results", str(paper_like), "--no-figures"]) == 0
+        assert "70.00 (95.02, -25.02)" in capsys.readouterr().out  # nesterov, augmented
+    finally:
+        reader.close()
+        writer.close()

@@ -89,3 +89,12 @@ def test_cli_table_and_bad_spec(capsys):
     assert "| 1 | 4 | 2 1 1 1 | 64 | 3 | 1 | 3 | 1 | 1 | 4,977,226 | 0.658 |" in out
     assert main(["--spec", "N=3 B=1,1 C_in=16 F0=3 P0=1 F1=3 P1=1"]) == 2
     assert "len(B)" in capsys.readouterr().err
+
+
+def test_cli_takes_the_param_budget_it_advises(capsys):
+    """Issue 8: the over-budget error advised --param-budget, which this command refused."""
+    big = "N=4 B=2,1,1,1 C_in=128 F0=3 P0=1 F1=3 P1=1 K=1"
+    assert main(["--spec", big, "--format", "json"]) == 2
+    assert "--param-budget" in capsys.readouterr().err
+    assert main(["--spec", big, "--format", "json", "--param-budget", "30000000"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["params"] == 19_883_146

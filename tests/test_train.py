@@ -141,6 +141,7 @@ def test_mixed_precision_and_channels_last_on_cpu(tiny_betons, precision):
                       channels_last=True)
     result = train(cfg, data=tiny_betons, **QUIET)
     assert result.status == "completed" and result.config["precision"] == precision
+    assert result.config["channels_last"] is False  # switched off on the CPU (issue 8)
     assert all(math.isfinite(e.train_loss) for e in result.epochs)
 
 

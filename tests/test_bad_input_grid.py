@@ -1,0 +1,247 @@
+"""Issue 8: bad input to the grid. Each case is a clear error (exit 2 for the command line, no
+traceback), loses nothing already written, and never calls a failed run finished."""
+
+import errno
+import json
+import os
+import signal
+import sqlite3
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastres.data import BetonPair
+from fastres.grid import main
+from fastres.report import main as report_main
+from fastres.results import DB_NAME, DiskFull, ResultsDB, RunCheckpointer
+
+from .test_grid import spawn, table
+
+
+def args(data: BetonPair, results: Path, *extra: str) -> list[str]:
+    """The smoke preset, one optimizer, on tiny_betons (300 train, 120 test images)."""
+    return ["--preset", "smoke", "--data", str(data.train.parent), "--results", str(results),
+            "--device", "cpu", "--loader-workers", "1", "--optimizers", "sgd",
+            "--train-subset", "300", "--test-subset", "120", "--quiet", *extra]
+
+
+def runs(results: Path) -> list[tuple]:
+    return table(results, "SELECT label, status, attempts, epochs_done, lease_owner FROM runs "
+                 "ORDER BY label")
+
+
+def epochs(results: Path) -> list[int]:
+    return [e for (e,) in table(results, "SELECT epoch FROM epochs ORDER BY epoch")]
+
+
+# ---------------------------------------------------------------- 1: failed is never finished
+
+def test_failed_cells_are_reported_failed_until_retried(tiny_betons, tmp_path, monkeypatch,
+                                                        capsys):
+    """As with --device cuda on a machine without a GPU: every cell fails three times; then the
+    fixed command must not say "done" but name the failure, and --retry-failed runs it again."""
+    results = tmp_path / "r"
+    base = args(tiny_betons, results, "--augment", "on,off", "--epochs", "1")
+
+    def broken(*_a, **_k):
+        raise RuntimeError("CUDA error: no kernel image is available")
+
+    monkeypatch.setattr("fastres.train.train", broken)
+    for attempt in (1, 2, 3):
+        assert main(base) == 1
+        err = capsys.readouterr().err
+        assert f"failed after {attempt} attempt" in err and "no kernel image" in err
+    monkeypatch.undo()  # the cause is fixed, but the cells are at the retry cap
+
+    assert main(base) == 1
+    captured = capsys.readouterr()
+    assert captured.err.count("failed after 3 attempts: RuntimeError: CUDA error") == 2
+    assert "--retry-failed" in captured.err
+    assert "0/2 cells finished, 2 failed" in captured.out and ": done" not in captured.out
+    assert [r[1:4] for r in runs(results)] == [("failed", 3, 0)] * 2 and epochs(results) == []
+
+    assert main([*base, "--retry-failed"]) == 0
+    assert "2/2 cells finished;" in capsys.readouterr().out
+    assert [r[1:4] for r in runs(results)] == [("completed", 1, 1)] * 2
+    assert table(results, "SELECT COUNT(*) FROM runs WHERE error IS NOT NULL") == [(0,)]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--lr", "nan"], "--lr must be a positive finite number, got nan"),
+    (["--lr", "inf"], "--lr must be a positive finite number, got inf"),
+    (["--lr", "0"], "--lr must be a positive finite number"),
+    (["--lr", "-0.1"], "--lr must be a positive finite number"),
+    (["--max-retries", "-1"], "--max-retries must be 0 or more"),
+    (["--device", "tpu"], "--device must be cpu, cuda or cuda:N, got 'tpu'"),
+    pytest.param(["--device", "cuda"], "no CUDA GPU is visible", marks=pytest.mark.skipif(
+        torch.cuda.is_available(), reason="a GPU is here")),
+], ids=["lr-nan", "lr-inf", "lr-zero", "lr-negative", "max-retries", "device-tpu",
+        "device-cuda-without-gpu"])
+def test_run_settings_are_checked_before_any_cell(extra, message, tiny_betons, tmp_path,
+                                                  capsys):
+    results = tmp_path / "r"
+    assert main(args(tiny_betons, results, *extra)) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    if (results / DB_NAME).exists():  # no cell registered, no attempt used
+        assert table(results, "SELECT COUNT(*) FROM runs") == [(0,)]
+
+
+# ---------------------------------------------------------------- 6: subset above the data
+
+def test_subset_above_the_data_is_clamped_warned_and_recorded(tiny_betons, tmp_path, capsys):
+    results = tmp_path / "r"
+    base = args(tiny_betons, results, "--augment", "on", "--epochs", "1")
+    assert main([*base, "--train-subset", "5000", "--test-subset", "1000"]) == 0
+    err = capsys.readouterr().err
+    assert "--train-subset 5000 is more than the 300 training images" in err
+    assert "--test-subset 1000 is more than the 120 test images" in err
+    (protocol,), = table(results, "SELECT protocol FROM runs")
+    assert (json.loads(protocol)["train_subset"], json.loads(protocol)["test_subset"]) == (300, 120)
+    # Keyed by what was used: the same run as asking for exactly the data's size.
+    assert main(base) == 0
+    assert "1 cells (1 already finished)" in capsys.readouterr().out
+    assert report_main(["--results", str(results), "--no-figures"]) == 0
+    assert "train subset 300, test subset 120" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- 11: epoch rows not 1..n
+
+def _fail_after_epoch_two(monkeypatch) -> None:
+    commit = RunCheckpointer.commit
+
+    def commit_then_stop(self, metrics, state):
+        commit(self, metrics, state)
+        if metrics.epoch == 2:
+            raise RuntimeError("stopped after epoch 2")
+
+    monkeypatch.setattr(RunCheckpointer, "commit", commit_then_stop)
+
+
+@pytest.mark.parametrize("edit, rows", [
+    ("UPDATE epochs SET epoch = 3 WHERE epoch = 2", "1, 3"),
+    ("DELETE FROM epochs WHERE epoch = 2", "1"),
+], ids=["gap", "deleted-row"])
+def test_epoch_rows_other_than_1_to_n_restart_the_run(edit, rows, tiny_betons, tmp_path,
+                                                      monkeypatch, capsys):
+    results = tmp_path / "r"
+    base = args(tiny_betons, results, "--augment", "on", "--epochs", "3")
+    _fail_after_epoch_two(monkeypatch)
+    assert main(base) == 1
+    monkeypatch.undo()
+    assert [r[1:4] for r in runs(results)] == [("failed", 1, 2)]
+    conn = sqlite3.connect(results / DB_NAME)
+    with conn:
+        conn.execute(edit)
+    conn.close()
+    capsys.readouterr()
+
+    with pytest.warns(UserWarning, match="restarting it from epoch 1"):
+        assert main(base) == 0
+    err = capsys.readouterr().err
+    assert f"its epoch rows in the database are {rows}, not 1..2; restarting it" in err
+    assert "UNIQUE" not in err
+    assert [r[1:4] for r in runs(results)] == [("completed", 2, 3)]
+    assert epochs(results) == [1, 2, 3]
+    (rid, ckpt), = table(results, "SELECT run_id, checkpoint FROM runs")
+    assert [p.name for p in (results / "checkpoints" / rid).iterdir()] == [Path(ckpt).name]
+
+
+# ---------------------------------------------------------------- 12: SIGINT and SIGTERM
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_stops_cleanly_and_the_rerun_resumes(signum, tiny_betons, tmp_path):
+    results = tmp_path / "r"
+    cmd = [a for a in args(tiny_betons, results, "--augment", "on", "--epochs", "12")
+           if a != "--quiet"]  # epoch lines, to signal after the first
+    p = spawn(cmd)
+    out = []
+    for line in p.stdout:
+        out.append(line)
+        if "epoch 1/12" in line:
+            p.send_signal(signum)
+            break
+    rest, _ = p.communicate(timeout=60)
+    out = "".join(out) + rest
+    assert p.returncode == 128 + signum, out
+    assert "interrupted; rerun to resume" in out and "Traceback" not in out
+    (label, status, attempts, done, owner), = runs(results)
+    assert (status, attempts, owner) == ("interrupted", 0, None) and 1 <= done < 12, out
+    assert epochs(results) == list(range(1, done + 1))
+
+    p = spawn(cmd)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 0, out
+    assert f"resuming after epoch {done}" in out and "restarting" not in out
+    assert [r[1:4] for r in runs(results)] == [("completed", 1, 12)]
+    assert epochs(results) == list(range(1, 13))
+
+
+# ---------------------------------------------------------------- 13: a full disk
+
+def _enospc(*_a):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_disk_full_while_checkpointing_stops_the_grid(tiny_betons, tmp_path, monkeypatch,
+                                                      capsys):
+    results = tmp_path / "r"
+    base = args(tiny_betons, results, "--augment", "on,off", "--epochs", "2")
+    fsync = os.fsync
+
+    def full_for_checkpoints(fd):  # the write of a checkpoint file finds the disk full
+        if "/checkpoints/" in os.readlink(f"/proc/self/fd/{fd}"):
+            _enospc()
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full_for_checkpoints)
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert "no space left writing the checkpoint of" in err and str(results) in err
+    assert "Traceback" not in err and "inline_container" not in err
+    # The grid stopped at the first cell; no cell used up an attempt or was marked failed.
+    assert sorted(r[1:] for r in runs(results)) == [("interrupted", 0, 0, None),
+                                                    ("pending", 0, 0, None)]
+    assert not [p for p in (results / "checkpoints").rglob("*") if p.is_file()]
+
+    monkeypatch.undo()  # space freed
+    assert main(base) == 0
+    assert [r[1:4] for r in runs(results)] == [("completed", 1, 2)] * 2
+
+
+class _FullConnection(sqlite3.Connection):
+    """A connection whose database cannot grow: SQLite's own SQLITE_FULL error on insert."""
+
+    def execute(self, sql, *params):
+        if sql.startswith("INSERT OR IGNORE INTO runs"):
+            raise sqlite3.OperationalError("database or disk is full")
+        return super().execute(sql, *params)
+
+
+def test_disk_full_at_registration(tiny_betons, tmp_path, monkeypatch, capsys):
+    results = tmp_path / "r"
+    connect = sqlite3.connect
+    monkeypatch.setattr(sqlite3, "connect",
+                        lambda *a, **k: connect(*a, **k, factory=_FullConnection))
+    assert main(args(tiny_betons, results)) == 2
+    err = capsys.readouterr().err
+    assert "error: results folder is full" in err and "Traceback" not in err
+    monkeypatch.undo()
+    assert table(results, "SELECT COUNT(*) FROM runs") == [(0,)]
+
+
+def test_write_probe_leaves_no_file_on_a_full_disk(tiny_betons, tmp_path, monkeypatch, capsys):
+    results = tmp_path / "r"
+    results.mkdir()
+
+    def create_then_fail(self, *_a, **_k):  # a full disk: the file is made, its data is not
+        self.touch()
+        _enospc()
+
+    monkeypatch.setattr(Path, "write_text", create_then_fail)
+    with pytest.raises(DiskFull, match="results folder is full"):
+        ResultsDB(results)
+    assert main(args(tiny_betons, results)) == 2
+    assert "error: results folder is full" in capsys.readouterr().err
+    assert list(results.iterdir()) == []
