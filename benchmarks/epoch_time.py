@@ -12,7 +12,9 @@ The ladder (each rung adds one thing to the one before):
      shared/reference/protocol.md; it imports nothing of fastres)
   2  the same with one loader worker per core
   3  fastres.train.train(): eager fp32, FFCV loader, device-side crop/flip/normalise
-  4  + bf16 autocast and channels-last
+  4  + bf16 autocast and channels-last (channels-last on a GPU only: on the CPU fastres trains
+     in contiguous NCHW, since oneDNN's channels-last convolution backward is wrong at some
+     shapes on some CPUs)
   5  + torch.compile
   6  + the Triton kernels (fastres.models.build(kernels="triton"))
   7  + CUDA graphs of the whole training step with the optimizer inside (fused SGD with the
@@ -462,7 +464,9 @@ def train_config(setup: Setup, rung: int, epochs: int):
     return TrainConfig(
         spec=setup.spec, structure=None, optimizer="sgd", epochs=epochs, tmax=PROTO["tmax"],
         seed=setup.seed, device=str(setup.device),
-        precision="fp32" if rung == 3 else "bf16", channels_last=rung >= 4,
+        precision="fp32" if rung == 3 else "bf16",
+        # The CPU trains in NCHW: oneDNN's channels-last backward is wrong at some shapes.
+        channels_last=rung >= 4 and setup.device.type == "cuda",
         compile=rung >= 5, kernels="triton" if rung >= 6 and setup.triton_ok else "eager",
         train_subset=setup.train_subset, test_subset=setup.test_subset, data=None,
         cache=setup.cache).resolved()
