@@ -22,11 +22,11 @@ import os
 import sqlite3
 import sys
 import time
-from collections import deque
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastres.data import SYNTHETIC, SYNTHETIC_WARNING, BetonPair, DataError, DataUnavailable
+from fastres.live import LiveBoard, local_worker, silence_conversion_bars, use_live
 from fastres.models import KernelsUnavailable
 from fastres.structures import STRUCTURES, ResNetSpec, SpecError, describe
 from fastres.train import (
@@ -40,6 +40,9 @@ from fastres.train import (
     add_run_arguments,
     stop_on_signals,
 )
+
+if TYPE_CHECKING:
+    from fastres.tensorboard import TensorBoardExport
 
 H200_BF16_FLOPS = 790e12  # measured dense bf16 rate quoted in protocol.md: the speed floor
 CIFAR_SIZES = (50_000, 10_000)
@@ -221,17 +224,70 @@ def _fmt_time(seconds: float) -> str:
 
 class Progress:
     """One display for the whole grid: cells done of total, current cell and epoch, and an ETA
-    from the measured seconds per FLOP so far (so big and small structures mix fairly)."""
+    from the measured seconds per FLOP so far (so big and small structures mix fairly).
+
+    Plain lines by default; with a LiveBoard (a terminal) a table of the runs in flight instead
+    of the epoch lines. With a TensorBoardExport, the event files follow every committed epoch.
+    As a context manager it shows the board and closes the export at the end."""
 
     def __init__(self, cells: list[Cell], ids: list[str], flop: dict[str, float],
                  epochs_done: dict[str, int], done: set[str], epochs: int, workers: int,
-                 quiet: bool):
+                 quiet: bool, board: LiveBoard | None = None,
+                 tensorboard: TensorBoardExport | None = None, worker: str = ""):
         self.labels = {i: c.label for i, c in zip(ids, cells, strict=True)}
         self.flop, self.epochs_done, self.done = flop, epochs_done, done
         self.epochs, self.workers, self.quiet = epochs, workers, quiet
         self.failed: set[str] = set()
         self.seconds = 0.0
         self.flop_seen = 0.0
+        self.board, self.tensorboard, self.worker = board, tensorboard, worker
+
+    def __enter__(self) -> Progress:
+        if self.board is not None:
+            self.board.set_totals(self.totals())
+            self.board.__enter__()
+        self.export()  # what the store holds already
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if self.board is not None:
+                self.board.__exit__(*exc)
+        finally:
+            if self.tensorboard is not None:
+                self.tensorboard.close()
+                self.tensorboard = None
+
+    def totals(self) -> str:
+        running = len(self.board.runs) if self.board is not None else 0
+        epochs = sum(self.epochs_done.values())
+        return (f"{len(self.done)}/{len(self.labels)} cells done"
+                + (f", {len(self.failed)} failed" if self.failed else "")
+                + f", {running} running | epochs {epochs}/{self.epochs * len(self.labels)} | "
+                + self.eta())
+
+    def start(self, rid: str, worker: str | None = None) -> None:
+        """A run begins: the live display shows it from now on."""
+        if self.board is not None:
+            self.board.begin(rid, self.labels[rid], self.epochs, worker or self.worker,
+                             self.epochs_done[rid])
+            self.board.set_totals(self.totals())
+
+    def export(self) -> None:
+        """Bring the TensorBoard folder up to date; a failure there stops the export with a
+        warning, never the grid."""
+        if self.tensorboard is None:
+            return
+        from fastres.results import ResultsError
+
+        try:
+            self.tensorboard.update()
+        except (OSError, sqlite3.Error, ResultsError) as e:
+            print(f"[grid] warning: TensorBoard export stopped ({e}); export later with "
+                  f"python -m fastres.report --tensorboard {self.tensorboard.out}",
+                  file=sys.stderr, flush=True)
+            self.tensorboard.close()
+            self.tensorboard = None
 
     def eta(self) -> str:
         if not self.flop_seen:
@@ -247,10 +303,15 @@ class Progress:
         self.seconds += m.seconds
         self.flop_seen += self.flop[rid]
         self.epochs_done[rid] = m.epoch
-        if not self.quiet:
+        if self.board is not None:
+            self.start(rid)  # shown already unless it began elsewhere (a Ray worker)
+            self.board.update(rid, m.epoch, m.test_acc, m.seconds)
+            self.board.set_totals(self.totals())
+        elif not self.quiet:
             print(f"{self.head()} {self.labels[rid]}: epoch {m.epoch}/{self.epochs} "
                   f"test acc {100 * m.test_acc:.2f}% loss {m.test_loss:.4f} ({m.seconds:.1f}s)",
                   flush=True)
+        self.export()
 
     def poll(self, rows: list[dict]) -> None:
         """Progress of runs in other processes (Ray workers), read from the results database."""
@@ -270,6 +331,10 @@ class Progress:
             self.done.add(rid)
         elif outcome == "failed":
             self.failed.add(rid)
+        if self.board is not None:
+            self.board.end(rid)
+            self.board.set_totals(self.totals())
+        self.export()  # a finished run's best accuracy and end
         if outcome != "busy":
             print(f"{self.head()} {self.labels[rid]}: {detail or outcome}", flush=True,
                   file=sys.stderr if outcome == "failed" else sys.stdout)
@@ -394,6 +459,7 @@ def run_local(jobs: list[Job], progress: Progress, poll: float = 2.0) -> None:
     while pending:
         busy = []
         for job in pending:
+            progress.start(job.run_id)
             outcome, detail = run_job(job, on_epoch=progress.epoch)
             progress.cell(job.run_id, outcome, detail)
             if outcome == "busy":
@@ -403,67 +469,42 @@ def run_local(jobs: list[Job], progress: Progress, poll: float = 2.0) -> None:
             time.sleep(poll)
 
 
-def _ray_job(job: Job, threads: int) -> tuple[str, str]:
-    return run_job(job, on_epoch=None, threads=threads)
-
-
 def run_ray(jobs: list[Job], progress: Progress, workers: int | None, runs_per_gpu: int,
             address: str | None, max_retries: int) -> None:
     """Cells as Ray tasks (a local cluster unless --ray ADDRESS), each on 1/runs_per_gpu GPU.
-    A task whose worker dies is retried by Ray up to max_retries times and resumes from its
-    last checkpoint; every worker writes to the one results database."""
-    from fastres.results import DiskFull, ResultsDB
-
+    Only this process (the driver) opens the results folder; tasks report epochs and
+    checkpoints back through Ray. A task whose worker or node dies is retried by Ray up to
+    max_retries times and resumes from its last committed checkpoint (fastres/cluster.py)."""
     try:
         import ray
     except ImportError:
         raise GridError("--workers > 1 and --ray need Ray: pip install 'fastres[cluster]'"
                         ) from None
+    from fastres.cluster import RayCell, run_cells
+
     if address:
         ray.init(address=address, log_to_driver=not progress.quiet)
     else:
         import torch
 
         gpus = torch.cuda.device_count()
-        ray.init(num_cpus=os.cpu_count(), num_gpus=gpus, include_dashboard=False,
-                 log_to_driver=not progress.quiet)
+        # address="local": a Ray of our own, even where another cluster runs on this machine
+        # (`ray start` leaves an address that a bare ray.init() would join, then refuse num_cpus).
+        ray.init(address="local", num_cpus=os.cpu_count(), num_gpus=gpus,
+                 include_dashboard=False, log_to_driver=not progress.quiet)
     try:
-        db = ResultsDB(jobs[0].results)
         gpus = int(ray.cluster_resources().get("GPU", 0))
         cpus = int(ray.cluster_resources().get("CPU", 1))
         if workers is None:
             workers = max(1, gpus * runs_per_gpu) if gpus else 1
-        threads = max(1, cpus // workers)
-        task = ray.remote(_ray_job).options(
-            num_gpus=(1 / runs_per_gpu) if gpus else 0, num_cpus=min(threads, cpus),
-            max_retries=max_retries, retry_exceptions=False)
+        threads = max(1, min(cpus // workers, cpus))
         print(f"[grid] Ray: {workers} worker(s) over {gpus} GPU(s), {cpus} CPU(s)", flush=True)
-        queue = deque(jobs)
-        inflight: dict[Any, Job] = {}
-        while queue or inflight:
-            while queue and len(inflight) < workers:
-                job = queue.popleft()
-                inflight[task.remote(job, threads)] = job
-            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=5.0)
-            if not ready:
-                progress.poll(db.runs())
-            for ref in ready:
-                job = inflight.pop(ref)
-                try:
-                    outcome, detail = ray.get(ref)
-                except DiskFull as e:  # from a worker: every other cell would meet it too
-                    raise DiskFull(str(getattr(e, "cause", e))) from None
-                except ray.exceptions.RayError as e:  # worker died more than max_retries times
-                    outcome, detail = "failed", (f"failed: worker lost ({type(e).__name__}); "
-                                                 "a rerun resumes it")
-                progress.cell(job.run_id, outcome, detail)
-                if outcome == "busy":
-                    time.sleep(1.0)
-                    queue.append(job)
+        cells = [RayCell(j.run_id, j.cell.label, cell_config(j.cell, j.protocol, j.compute),
+                         j.data, j.max_attempts, j.quiet) for j in jobs]
+        run_cells(cells, jobs[0].results, progress, workers, threads,
+                  (1 / runs_per_gpu) if gpus else 0, max_retries, failed_detail)
     finally:
         ray.shutdown()
-        if "db" in locals():
-            db.close()
 
 
 def print_plan(cells: list[Cell], plan: Plan) -> None:
@@ -503,6 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="retries of a cell whose worker dies or whose run fails")
     ap.add_argument("--retry-failed", action="store_true",
                     help="give runs that failed --max-retries + 1 times that many attempts again")
+    ap.add_argument("--tensorboard", metavar="DIR", help="keep TensorBoard event files of every "
+                    "run in DIR current while the grid runs (tensorboard --logdir DIR)")
     add_run_arguments(ap)
     return ap
 
@@ -534,6 +577,20 @@ def _subset_flag(args: argparse.Namespace, which: str) -> str:
     flag = f"--{which}-subset"
     return flag if getattr(args, f"{which}_subset") is not None else \
         f"{flag} (of --preset {args.preset})"
+
+
+def _tensorboard(out: str | None, results: str) -> TensorBoardExport | None:
+    """The --tensorboard exporter; where another process exports there already, none."""
+    if out is None:
+        return None
+    from fastres.tensorboard import ExportBusy, TensorBoardExport
+
+    try:
+        return TensorBoardExport(out, results)
+    except ExportBusy as e:
+        print(f"[grid] warning: {e}; this grid leaves it to that process", file=sys.stderr,
+              flush=True)
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -576,6 +633,9 @@ def _run(args: argparse.Namespace) -> int:
             if not triton_available(resolved.device):
                 raise KernelsUnavailable(f"--kernels triton: {unavailable_reason(resolved.device)}"
                                          "; use --kernels eager")
+        live = use_live(sys.stdout, args.quiet)  # the live display: a terminal only
+        if live:
+            silence_conversion_bars()
         data = prepare(args.data, args.cache)
         train_subset = effective_subset(plan.train_subset, data.num_train, "training",
                                         _subset_flag(args, "train"))
@@ -604,13 +664,17 @@ def _run(args: argparse.Namespace) -> int:
         use_ray = args.ray is not None or (args.workers or 1) > 1
         workers = args.workers if use_ray else 1
         progress = Progress(cells, [j.run_id for j in jobs], flop, epochs_done, done,
-                            plan.epochs, workers or 1, args.quiet)
+                            plan.epochs, workers or 1, args.quiet,
+                            board=LiveBoard() if live else None,
+                            tensorboard=_tensorboard(args.tensorboard, str(db.folder)),
+                            worker="ray" if use_ray else local_worker())
         print(f"[grid] {len(cells)} cells ({len(done)} already finished), {plan.epochs} epochs "
               f"each, results in {db.folder}", flush=True)
-        if use_ray:
-            run_ray(jobs, progress, workers, args.runs_per_gpu, args.ray, args.max_retries)
-        else:
-            run_local(jobs, progress)
+        with progress:
+            if use_ray:
+                run_ray(jobs, progress, workers, args.runs_per_gpu, args.ray, args.max_retries)
+            else:
+                run_local(jobs, progress)
     except DataUnavailable as e:
         print(f"\nerror: no CIFAR-10 data.\n{e}\nTo see the grid work without it: "
               f"python -m fastres.grid --preset smoke --data {SYNTHETIC}", file=sys.stderr)

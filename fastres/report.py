@@ -2,21 +2,27 @@
 
     python -m fastres.report --results runs                 # Tables 3 and 4 as Markdown
     python -m fastres.report --results runs --format csv    # or json, for machines
+    python -m fastres.report --results runs --format html --out report.html   # one page
+    python -m fastres.report --results runs --tensorboard tb  # TensorBoard event files
 
 Table 3 analog: best test accuracy per structure x optimizer, augmentation on and off, with row
 averages; Table 4 analog: the 1-based epoch of that best. Each cell shows ours, the paper's value
 and the difference. Figures 5 to 8 (test loss against epoch) are written as PNG beside them.
 A partial grid reports what it has and marks the rest. The results are only read (SQLite's
-read-only mode), so a report works on a read-only copy; it writes nothing but the figures.
+read-only mode), so a report works on a read-only copy; it writes nothing but the figures
+(and --out, --tensorboard where asked).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
+import os
 import sys
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 from statistics import mean
@@ -202,7 +208,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fastres.report", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results", default="runs")
-    ap.add_argument("--format", choices=("markdown", "csv", "json"), default="markdown")
+    ap.add_argument("--format", choices=("markdown", "csv", "json", "html"), default="markdown",
+                    help="html: one self-contained page, figures embedded")
+    ap.add_argument("--out", help="write the report to this file (default: standard output)")
+    ap.add_argument("--tensorboard", metavar="DIR", help="only export every run's epochs and "
+                    "hyper-parameters as TensorBoard event files into DIR (a second export "
+                    "adds only what is new)")
     ap.add_argument("--protocol", help="report this protocol id (default: the one with most runs)")
     ap.add_argument("--figures", help="folder for the PNG figures (default RESULTS/figures, "
                     "skipped with a note where that cannot be written)")
@@ -210,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--structure", help="structure of Figures 5-8: a Table 1 number or a spec "
                     "in brackets as the tables show it (default 1, else the first)")
     args = ap.parse_args(argv)
+    if args.tensorboard:
+        return _export_tensorboard(args.results, args.tensorboard)
     try:
         db = ResultsDB(args.results, readonly=True)  # a report never writes the results
         chosen, runs, others = choose_protocol(db.runs(), args.protocol)
@@ -229,10 +242,14 @@ def main(argv: list[str] | None = None) -> int:
                      "choose one with --protocol")
     finished = sum(r["status"] in DONE for r in runs)
     notes.append(f"{finished}/{len(runs)} runs finished")
+    fig_dir, fig_notes, tmp = None, [], None
     if not args.no_figures:
-        fig_dir = Path(args.figures) if args.figures else Path(args.results) / "figures"
+        if args.format == "html" and not args.figures:  # embedded in the page: drawn aside
+            tmp = tempfile.TemporaryDirectory(prefix="fastres-report-")
+        fig_dir = (Path(args.figures) if args.figures else Path(tmp.name) if tmp
+                   else Path(args.results) / "figures")
         try:
-            notes += write_figures(db, runs, fig_dir, args.structure)
+            fig_notes = write_figures(db, runs, fig_dir, args.structure)
         except OSError as e:
             if args.figures:  # asked for there: an error
                 print(f"error: --figures {fig_dir}: cannot write ({e.strerror or e})",
@@ -240,20 +257,65 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             notes.append(f"figures: not written, {fig_dir} cannot be written "
                          f"({e.strerror or e}); choose a folder with --figures DIR")
-    if args.format == "json":
-        print(json.dumps({"protocol": chosen, "notes": notes, "cells": cells}, indent=2))
-    elif args.format == "csv":
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=list(cells[0]) if cells else ["structure"])
-        w.writeheader()
-        w.writerows(cells)
-        print(buf.getvalue(), end="")
-        for n in notes:
-            print(f"# {n}", file=sys.stderr)
-    else:
-        print("\n".join(f"- {n}" for n in notes) + "\n")
-        print(markdown(cells, "acc"))
-        print(markdown(cells, "epoch"))
+            fig_dir = None
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        if args.format == "html":
+            from fastres.report_html import page
+
+            print(page(chosen=chosen, protocol=protocol, notes=notes, cells=cells, runs=runs,
+                       fig_dir=fig_dir, fig_notes=fig_notes), end="")
+        elif args.format == "json":
+            print(json.dumps({"protocol": chosen, "notes": notes + fig_notes, "cells": cells},
+                             indent=2))
+        elif args.format == "csv":
+            buf = io.StringIO()
+            w = csv.DictWriter(buf, fieldnames=list(cells[0]) if cells else ["structure"])
+            w.writeheader()
+            w.writerows(cells)
+            print(buf.getvalue(), end="")
+            for n in notes + fig_notes:
+                print(f"# {n}", file=sys.stderr)
+        else:
+            print("\n".join(f"- {n}" for n in notes + fig_notes) + "\n")
+            print(markdown(cells, "acc"))
+            print(markdown(cells, "epoch"))
+    if tmp is not None:
+        tmp.cleanup()
+    return _emit(text.getvalue(), args.out)
+
+
+def _emit(text: str, out: str | None) -> int:
+    """The report to standard output, or whole (temp file + rename) to --out."""
+    if out is None:
+        sys.stdout.write(text)
+        return 0
+    path = Path(out)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        print(f"error: --out {path}: cannot write ({e.strerror or e})", file=sys.stderr)
+        return 2
+    print(f"report written to {path}")
+    return 0
+
+
+def _export_tensorboard(results: str, out: str) -> int:
+    from fastres.tensorboard import export
+
+    try:
+        n_runs, n_epochs = export(out, results)
+    except ResultsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: --tensorboard {out}: cannot write ({e.strerror or e})", file=sys.stderr)
+        return 2
+    print(f"tensorboard: {n_runs} run(s), {n_epochs} new epoch(s) written to {out}; view with: "
+          f"tensorboard --logdir {out}")
     return 0
 
 

@@ -4,7 +4,8 @@ Every epoch commits its checkpoint file first (temp file, fsync, rename) and the
 transaction, its metrics row and the reference to that file. A `kill -9` at any moment therefore
 loses at most the epoch in flight: the database never points at a file that is not whole, and a
 file that is whole but unreferenced is simply written again. Leases with a heartbeat keep two
-grid processes (or Ray workers) from training the same run; a dead owner's lease is taken over.
+grid processes from training the same run; a dead owner's lease is taken over. In Ray mode only
+the driver opens this folder (fastres/cluster.py): a Ray worker that tries gets a ResultsError.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ SCHEMA_VERSION = 1
 DB_NAME = "results.sqlite"
 LEASE_TTL = 120.0  # seconds without a heartbeat before another process may take a run over
 DONE = ("completed", "diverged")
+# Set in the runtime_env of every Ray task and actor of the grid: SQLite's locking is unreliable
+# on network filesystems, so in Ray mode the results folder belongs to the driver alone.
+RAY_WORKER_ENV = "FASTRES_RAY_WORKER"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -94,6 +98,14 @@ def folder_full(folder: Path, reason: object) -> DiskFull:
                     "space or choose another folder with --results DIR, then rerun to resume")
 
 
+def refuse_in_ray_worker(folder: Path) -> None:
+    """A Ray worker of the grid never touches the results folder (a bug if it tries)."""
+    if os.environ.get(RAY_WORKER_ENV):
+        raise ResultsError(f"a Ray worker may not open the results folder {folder}: in Ray mode "
+                           "only the driver writes results (epochs and checkpoints go through "
+                           "the driver's run store)")
+
+
 class LeaseLost(RuntimeError):
     """Another process took this run over (our heartbeat stopped for too long)."""
 
@@ -125,25 +137,36 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(path: Path, state: dict) -> str:
-    """Write atomically and durably; return the file's sha256. A failed write is an OSError
-    (errno ENOSPC when the disk is full), never a half-written file."""
-    # Serialised in memory first: torch.save straight into a file turns the OSError of a full
-    # disk into an opaque RuntimeError ("[enforce fail at inline_container.cc] unexpected pos").
+def checkpoint_bytes(state: dict) -> bytes:
     buf = io.BytesIO()
     torch.save(state, buf)
+    return buf.getvalue()
+
+
+def state_from_bytes(blob: bytes) -> dict:
+    return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+
+
+def save_checkpoint(path: Path, state: dict | bytes) -> str:
+    """Write a state (or its checkpoint_bytes) atomically and durably; return the file's sha256.
+    A failed write is an OSError (errno ENOSPC when the disk is full), never a half-written file.
+    """
+    refuse_in_ray_worker(path.parent)
+    # Serialised in memory first: torch.save straight into a file turns the OSError of a full
+    # disk into an opaque RuntimeError ("[enforce fail at inline_container.cc] unexpected pos").
+    buf = memoryview(state if isinstance(state, bytes) else checkpoint_bytes(state))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            f.write(buf.getbuffer())
+            f.write(buf)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
-    return hashlib.sha256(buf.getbuffer()).hexdigest()
+    return hashlib.sha256(buf).hexdigest()
 
 
 def _sha256(path: Path) -> str:
@@ -172,6 +195,7 @@ class ResultsDB:
 
     def __init__(self, folder: str | os.PathLike, readonly: bool = False):
         self.folder = Path(folder)
+        refuse_in_ray_worker(self.folder)
         self.path = self.folder / DB_NAME
         self.readonly = readonly
         if readonly:
@@ -338,18 +362,32 @@ class ResultsDB:
 
     def commit_epoch(self, run_id: str, owner: str, m: EpochMetrics, checkpoint: Path,
                      sha: str, ttl: float = LEASE_TTL) -> None:
+        """Idempotent per (run, epoch): a run resumed from an earlier checkpoint (a Ray retry)
+        replaces the rows from this epoch on, so no epoch is ever recorded twice."""
         now = time.time()
         with self.transaction(immediate=True):
             self._check_owner(run_id, owner)
+            self.conn.execute("DELETE FROM epochs WHERE run_id = ? AND epoch >= ?",
+                              (run_id, m.epoch))
             self.conn.execute("INSERT INTO epochs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                               (run_id, m.epoch, m.lr, m.train_loss, m.train_acc, m.test_loss,
                                m.test_acc, m.seconds, now))
             self.conn.execute(
                 "UPDATE runs SET epochs_done = ?, checkpoint = ?, checkpoint_sha = ?, "
-                "train_seconds = train_seconds + ?, lease_expires = ?, updated_at = ? "
-                "WHERE run_id = ?",
-                (m.epoch, str(checkpoint.relative_to(self.folder)), sha, m.seconds, now + ttl,
+                "train_seconds = (SELECT SUM(seconds) FROM epochs WHERE run_id = ?), "
+                "lease_expires = ?, updated_at = ? WHERE run_id = ?",
+                (m.epoch, str(checkpoint.relative_to(self.folder)), sha, run_id, now + ttl,
                  now, run_id))
+
+    def note_attempt(self, run_id: str, owner: str, where: dict, retry: bool) -> None:
+        """Record where the run's current attempt runs (its Ray node, host and pid, kept in
+        `environment` until the result replaces it); a retry (Ray rerunning the task of a dead
+        worker or node, under this owner's lease) counts as one more attempt."""
+        with self.transaction(immediate=True):
+            self._check_owner(run_id, owner)
+            self.conn.execute(
+                "UPDATE runs SET environment = ?, attempts = attempts + ?, updated_at = ? "
+                "WHERE run_id = ?", (json.dumps(where), int(retry), time.time(), run_id))
 
     def finish(self, run_id: str, owner: str, result: RunResult) -> None:
         with self.transaction(immediate=True):
@@ -452,7 +490,9 @@ class RunCheckpointer:
             return None
         return state, history
 
-    def commit(self, metrics: EpochMetrics, state: dict) -> None:
+    def commit(self, metrics: EpochMetrics, state: dict | bytes) -> None:
+        """Write the checkpoint (a state, or its checkpoint_bytes from a Ray worker), then
+        commit its epoch."""
         path = self.folder / f"epoch-{metrics.epoch:04d}.pt"
         try:
             sha = save_checkpoint(path, state)

@@ -45,6 +45,13 @@ case "$mode" in
   install) ;;
   main) exec "$VPY" -m fastres.grid "$@" ;;
   test)
+    # Debian's chromium renders the HTML report in its browser test; only tests need it.
+    if ! dpkg -s chromium >/dev/null 2>&1; then
+      echo "[setup] apt: installing chromium (for the HTML report's browser test)"
+      SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
+      $SUDO apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null
+    fi
     "$VENV/bin/ruff" check .
     exec "$VPY" -m pytest "$@" ;;
   *) echo "usage: bash scripts/setup.sh [install|main|test] [args...]" >&2; exit 2 ;;

@@ -1,0 +1,295 @@
+"""The grid on a Ray cluster, with the results folder on the driver's machine only.
+
+SQLite's locking is unreliable on network filesystems, so in Ray mode no worker opens the
+results folder (a worker that tries gets a ResultsError: RAY_WORKER_ENV is set in its
+runtime_env). Instead:
+
+- The driver holds every run's lease in the database (as one local grid process would) and
+  submits each cell as a Ray task, which Ray retries at once on another node when its worker or
+  node dies (`max_retries`): no lease TTL to wait out.
+- A RunStore actor pinned to the driver's node relays between tasks and driver. A task asks it
+  for the run's last committed checkpoint (bytes and epoch history) when it starts; after each
+  epoch it sends the metrics and checkpoint bytes and waits until the driver has written them
+  (checkpoint file, then epoch row, in one transaction), so an epoch is committed exactly as in
+  local mode. A retry therefore resumes from the last committed epoch, never from a file on the
+  dead node, and a re-committed epoch replaces its rows (ResultsDB.commit_epoch).
+- The task returns the RunResult (or the error of a failed run); the driver records it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from fastres.data import BetonPair
+from fastres.results import (
+    LEASE_TTL,
+    RAY_WORKER_ENV,
+    LeaseLost,
+    ResultsDB,
+    RunCheckpointer,
+    checkpoint_bytes,
+    new_owner,
+    state_from_bytes,
+)
+from fastres.train import EpochMetrics, RunResult, TrainConfig
+
+# Every task and actor of the grid runs with it: ResultsDB and save_checkpoint refuse there.
+WORKER_RUNTIME_ENV = {"env_vars": {RAY_WORKER_ENV: "1"}}
+
+
+@dataclass(frozen=True)
+class RayCell:
+    """What a Ray task needs to train one cell: no path into the results folder."""
+
+    run_id: str
+    label: str
+    config: TrainConfig
+    data: BetonPair  # the betons must be at this path on every node
+    max_attempts: int
+    quiet: bool
+
+
+class StoreRefused(RuntimeError):
+    """The driver did not record an epoch (the run is no longer this task's to train)."""
+
+
+@ray.remote(num_cpus=0)
+class RunStore:
+    """The driver-side relay: last committed checkpoint per run in flight, and a queue of
+    events (attempt started, epoch to commit) that the driver takes, records and acknowledges.
+    Async: calls waiting for acknowledgement do not block the others."""
+
+    def __init__(self) -> None:
+        self.latest: dict[str, tuple[bytes | None, list[EpochMetrics]]] = {}
+        self.attempt: dict[str, int] = {}
+        self.outbox: list[tuple] = []
+        self.waiting: dict[int, asyncio.Future] = {}
+        self.ready = asyncio.Event()
+        self.next_key = 0
+
+    def open(self, run_id: str, blob: bytes | None, history: list[EpochMetrics]) -> None:
+        """The driver: the run's checkpoint as the database holds it, before its task starts."""
+        self.latest[run_id] = (blob, history)
+        self.attempt[run_id] = 0
+
+    def close(self, run_id: str) -> None:
+        self.latest.pop(run_id, None)
+        self.attempt.pop(run_id, None)
+
+    async def _recorded(self, event: tuple) -> Any:
+        key, self.next_key = self.next_key, self.next_key + 1
+        future = asyncio.get_running_loop().create_future()
+        self.waiting[key] = future
+        self.outbox.append((key, *event))
+        self.ready.set()
+        return await future
+
+    async def begin(self, run_id: str, where: dict) -> tuple[int, bytes | None,
+                                                             list[EpochMetrics]]:
+        """A task (first try or Ray's retry) starts: its attempt number and the run's last
+        committed checkpoint, once the driver has recorded the attempt (and all before it)."""
+        attempt = self.attempt[run_id] = self.attempt[run_id] + 1
+        await self._recorded(("begin", run_id, attempt, where))
+        return (attempt, *self.latest[run_id])
+
+    async def commit(self, run_id: str, attempt: int, metrics: EpochMetrics,
+                     blob: bytes) -> None:
+        """Returns once the driver has committed the epoch; raises if it did not."""
+        if self.attempt.get(run_id) != attempt:
+            raise StoreRefused(f"attempt {attempt} of run {run_id} was superseded")
+        error = await self._recorded(("epoch", run_id, attempt, metrics, blob))
+        if error:
+            raise StoreRefused(error)
+        _, history = self.latest[run_id]
+        self.latest[run_id] = (blob, [*history[:metrics.epoch - 1], metrics])
+
+    async def take(self, timeout: float) -> list[tuple]:
+        """The driver: the events so far (waiting up to `timeout` for one)."""
+        if not self.outbox:
+            try:
+                await asyncio.wait_for(self.ready.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+        events, self.outbox = self.outbox, []
+        self.ready.clear()
+        return events
+
+    def ack(self, outcomes: list[tuple[int, str | None]]) -> None:
+        """The driver recorded these events (or, with a message, refused them)."""
+        for key, error in outcomes:
+            future = self.waiting.pop(key, None)
+            if future is not None and not future.done():
+                future.set_result(error)
+
+
+class RemoteCheckpointer:
+    """train()'s Checkpointer in a Ray task: loads and commits through the RunStore."""
+
+    def __init__(self, store: Any, run_id: str, where: dict):
+        self.store, self.run_id, self.where = store, run_id, where
+        self.attempt = 0
+
+    def load(self) -> tuple[dict, list[EpochMetrics]] | None:
+        self.attempt, blob, history = ray.get(self.store.begin.remote(self.run_id, self.where))
+        return None if blob is None else (state_from_bytes(blob), history)
+
+    def commit(self, metrics: EpochMetrics, state: dict) -> None:
+        ray.get(self.store.commit.remote(self.run_id, self.attempt, metrics,
+                                         checkpoint_bytes(state)))
+
+
+def run_cell(cell: RayCell, store: Any, threads: int) -> tuple[str, RunResult | str]:
+    """The Ray task: train one cell through the store. Returns (status, RunResult), or
+    ('failed', error) for a run that raised, or ('refused', why) when the driver refused it."""
+    import torch
+
+    from fastres.train import train
+
+    torch.set_num_threads(threads)
+    where = {"ray_node_id": ray.get_runtime_context().get_node_id(),
+             "host": socket.gethostname(), "pid": os.getpid()}
+    log = (lambda _m: None) if cell.quiet else (lambda m: print(m, flush=True))
+    try:
+        result = train(cell.config, data=cell.data, on_epoch=None,
+                       log=lambda m: None if m.startswith("epoch") else log(m),
+                       checkpoint=RemoteCheckpointer(store, cell.run_id, where))
+    except StoreRefused as e:
+        return "refused", str(e)
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, StoreRefused):
+            return "refused", str(e.cause)
+        return "failed", f"{type(e.cause).__name__}: {e.cause}"
+    except Exception as e:  # the grid goes on; the error is recorded with the run
+        return "failed", f"{type(e).__name__}: {e}"
+    result.environment["ray"] = where
+    return result.status, result
+
+
+
+def run_cells(cells: list[RayCell], results: str, progress: Any, workers: int, threads: int,
+              num_gpus: float, max_retries: int, failed_detail: Callable[[dict, int], str],
+              poll: float = 1.0) -> None:
+    """The driver's loop (ray.init done): lease, submit at most `workers` tasks at once, record
+    the events the store relays, record each task's outcome. `progress` has the grid's
+    Progress.epoch(run_id, metrics) and .cell(run_id, outcome, detail)."""
+    db = ResultsDB(results)
+    owner = new_owner()  # this driver's: a rerun after it is killed takes its leases over
+    here = ray.get_runtime_context().get_node_id()
+    store = RunStore.options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
+        runtime_env=WORKER_RUNTIME_ENV).remote()
+    task = ray.remote(run_cell).options(
+        num_cpus=threads, num_gpus=num_gpus, max_retries=max_retries, retry_exceptions=False,
+        runtime_env=WORKER_RUNTIME_ENV)
+
+    def warn(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    by_id = {c.run_id: c for c in cells}
+    queue, later = deque(cells), []  # later: (when, cell) held by another grid process
+    inflight: dict[Any, RayCell] = {}
+    beat = time.monotonic()
+    events = store.take.remote(poll)
+    try:
+        while queue or inflight or later:
+            now = time.monotonic()
+            queue.extend(c for t, c in later if t <= now)
+            later = [(t, c) for t, c in later if t > now]
+            while queue and len(inflight) < workers:
+                cell = queue.popleft()
+                got = db.acquire(cell.run_id, owner, max_attempts=cell.max_attempts)
+                if got == "acquired":
+                    saved = RunCheckpointer(db, cell.run_id, owner, warn).load()
+                    blob, history = (None, []) if saved is None else \
+                        (checkpoint_bytes(saved[0]), saved[1])
+                    ray.get(store.open.remote(cell.run_id, blob, history))
+                    inflight[task.remote(cell, store, threads)] = cell
+                    continue
+                detail = failed_detail(db.run(cell.run_id), cell.max_attempts) \
+                    if got == "failed" else ""
+                progress.cell(cell.run_id, got, detail)
+                if got == "busy":  # a live process elsewhere has it: look again later
+                    later.append((now + 2.0, cell))
+            ready, _ = ray.wait([events, *inflight], num_returns=1,
+                                timeout=None if inflight else poll)
+            if events in ready:
+                acks = [_record(db, owner, event, by_id, progress, warn)
+                        for event in ray.get(events)]
+                store.ack.remote(acks)  # before the next take: an actor runs a caller's
+                events = store.take.remote(poll)  # calls in order
+            for ref in ready:
+                if ref is events or ref not in inflight:
+                    continue
+                cell = inflight.pop(ref)
+                outcome, detail = _finish(db, owner, cell, ref, failed_detail)
+                store.close.remote(cell.run_id)
+                progress.cell(cell.run_id, outcome, detail)
+                if outcome == "busy":
+                    later.append((time.monotonic() + 2.0, cell))
+            if time.monotonic() - beat > LEASE_TTL / 4:  # keep the leases of runs in flight
+                beat = time.monotonic()
+                for cell in inflight.values():
+                    db.heartbeat(cell.run_id, owner)
+    except BaseException:  # Ctrl-C, SIGTERM, a full disk: give the runs back unfinished
+        for cell in inflight.values():
+            try:
+                db.release(cell.run_id, owner)
+            except Exception:
+                pass  # a dead driver's leases are taken over by the next grid anyway
+        raise
+    finally:
+        db.close()
+
+
+def _record(db: ResultsDB, owner: str, event: tuple, by_id: dict[str, RayCell], progress: Any,
+            warn: Callable[[str], None]) -> tuple[int, str | None]:
+    """Write one relayed event; returns its acknowledgement (key, None or why not)."""
+    key, kind, run_id, attempt, *rest = event
+    try:
+        if kind == "begin":
+            (where,) = rest
+            db.note_attempt(run_id, owner, where, retry=attempt > 1)
+            if hasattr(progress, "start"):  # the live display names each run's worker
+                progress.start(run_id, f"{where['host']}:{where['pid']}")
+            if attempt > 1:
+                done = db.run(run_id)["epochs_done"]
+                print(f"[grid] {by_id[run_id].label}: retried by Ray (attempt {attempt}) on node "
+                      f"{where['ray_node_id'][:12]} ({where['host']}), resuming after epoch "
+                      f"{done}", flush=True)
+        else:
+            metrics, blob = rest
+            RunCheckpointer(db, run_id, owner, warn).commit(metrics, blob)
+            progress.epoch(run_id, metrics)
+    except LeaseLost as e:
+        return key, str(e)
+    return key, None
+
+
+def _finish(db: ResultsDB, owner: str, cell: RayCell, ref: Any,
+            failed_detail: Callable[[dict, int], str]) -> tuple[str, str]:
+    """Record a task's outcome; returns (outcome, detail) for the grid's display."""
+    try:
+        outcome, value = ray.get(ref)
+    except ray.exceptions.RayError as e:  # its worker or node died more than max_retries times
+        outcome, value = "failed", f"worker lost ({type(e).__name__}); a rerun resumes it"
+    if outcome == "refused":  # another process took the run over: its lease is no longer ours
+        return "busy", ""
+    if outcome == "failed":
+        db.fail(cell.run_id, owner, value)
+        return outcome, failed_detail(db.run(cell.run_id), cell.max_attempts)
+    try:
+        db.finish(cell.run_id, owner, value)
+    except LeaseLost:
+        return "busy", ""
+    return outcome, ""
