@@ -29,6 +29,7 @@ from statistics import mean
 
 from fastres.paper import OPTIMIZER_ORDER, TABLE3, TABLE4
 from fastres.results import DONE, ResultsDB, ResultsError
+from fastres.tables import FIELDS, fmt, row_average, table_blocks
 
 
 def _row_name(r: dict) -> str:
@@ -86,36 +87,22 @@ def _sort_key(k: tuple) -> tuple:
     return (tmax != 200, tmax, not aug, (0, int(row)) if row.isdigit() else (1, row), order, opt)
 
 
-def _fmt(v: float | None, digits: int) -> str:
-    return "—" if v is None else f"{v:.{digits}f}"
-
-
 def _signed(v: float | None, digits: int) -> str:
     return "" if v is None else f", {v:+.{digits}f}"
 
 
 def markdown(cells: list[dict], what: str) -> str:
     """Table 3 (what='acc') or Table 4 (what='epoch') analog, one block per (tmax, augment)."""
-    ours, paper, diff, digits = ((("best_acc", "paper_acc", "acc_diff", 2)) if what == "acc"
-                                 else ("best_epoch", "paper_epoch", "epoch_diff", 0))
+    ours, paper, diff, digits = FIELDS[what]
     out = []
-    blocks: dict[tuple, list[dict]] = defaultdict(list)
-    for c in cells:
-        blocks[(c["tmax"], c["augment"])].append(c)
-    for (tmax, aug), cs in blocks.items():
-        opts = [o for o in OPTIMIZER_ORDER if any(c["optimizer"] == o for c in cs)]
-        opts += sorted({c["optimizer"] for c in cs} - set(opts))
-        title = ("Table 3 analog: best test accuracy (%)" if what == "acc"
-                 else "Table 4 analog: epoch of the best test accuracy")
-        out.append(f"### {title}, augmentation {'on' if aug else 'off'}, T_max {tmax}\n")
+    for block in table_blocks(cells, what):
+        opts = block.opts
+        out.append(f"### {block.title}\n")
         out.append("Each cell: ours (paper, ours - paper); — where there is no value.\n")
         header = ["structure", *opts] + (["average"] if what == "acc" else [])
         out.append("| " + " | ".join(header) + " |")
         out.append("|" + "---|" * len(header))
-        rows: dict[str, dict[str, dict]] = defaultdict(dict)
-        for c in cs:
-            rows[c["structure"]][c["optimizer"]] = c
-        for row, by_opt in rows.items():
+        for row, by_opt in block.rows.items():
             line = [row]
             for o in opts:
                 c = by_opt.get(o)
@@ -123,21 +110,16 @@ def markdown(cells: list[dict], what: str) -> str:
                     line.append("not in grid")
                 elif c[ours] is None:
                     line.append(f"missing ({c['status']})"
-                                + (f" (paper {_fmt(c[paper], digits)})" if c[paper] else ""))
+                                + (f" (paper {fmt(c[paper], digits)})" if c[paper] else ""))
                 else:
                     seeds = f" n={c['seeds']}" if c["of_seeds"] > 1 else ""
-                    line.append(f"{_fmt(c[ours], digits)} ({_fmt(c[paper], digits)}"
+                    line.append(f"{fmt(c[ours], digits)} ({fmt(c[paper], digits)}"
                                 f"{_signed(c[diff], digits)}){seeds}")
             if what == "acc":
-                mine = [c[ours] for c in by_opt.values() if c[ours] is not None]
-                # The paper's mean over the same optimizers: like for like on a partial row.
-                theirs = [c[paper] for c in by_opt.values()
-                          if c[paper] is not None and c[ours] is not None]
-                partial = "*" if len(mine) < len(opts) else ""
-                line.append(f"{_fmt(mean(mine) if mine else None, 2)}{partial} "
-                            f"({_fmt(mean(theirs) if theirs else None, 2)})")
+                avg, theirs, partial = row_average(by_opt, len(opts))
+                line.append(f"{fmt(avg, 2)}{'*' if partial else ''} ({fmt(theirs, 2)})")
             out.append("| " + " | ".join(line) + " |")
-        if what == "acc" and any("*" in line for line in out[-len(rows):]):
+        if what == "acc" and any("*" in line for line in out[-len(block.rows):]):
             out.append("\n\\* average over the optimizers finished so far; the paper's value "
                        "beside it is its mean over the same optimizers.")
         out.append("")

@@ -13,13 +13,12 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections import defaultdict
 from html import escape
 from pathlib import Path
-from statistics import mean
 
 from fastres.paper import OPTIMIZER_ORDER, TABLE3
 from fastres.results import DONE
+from fastres.tables import FIELDS, fmt, row_average, table_blocks
 
 FIGURES = {
     "fig5_optimizers_augmented": "Figure 5: test loss of each optimizer, augmented data",
@@ -76,31 +75,17 @@ def diff_badge(diff: float | None, what: str, digits: int) -> str:
             f'color: {ink}">{diff:+.{digits}f}</span>')
 
 
-def _fmt(v: float | None, digits: int) -> str:
-    return "—" if v is None else f"{v:.{digits}f}"
-
-
 def table_html(cells: list[dict], what: str) -> str:
     """Table 3 (what='acc') or Table 4 (what='epoch') analog, one table per (T_max, augment)."""
-    ours, paper, diff, digits = (("best_acc", "paper_acc", "acc_diff", 2) if what == "acc"
-                                 else ("best_epoch", "paper_epoch", "epoch_diff", 0))
-    blocks: dict[tuple, list[dict]] = defaultdict(list)
-    for c in cells:
-        blocks[(c["tmax"], c["augment"])].append(c)
+    ours, paper, diff, digits = FIELDS[what]
     out = []
-    for (tmax, aug), cs in blocks.items():
-        opts = [o for o in OPTIMIZER_ORDER if any(c["optimizer"] == o for c in cs)]
-        opts += sorted({c["optimizer"] for c in cs} - set(opts))
-        title = ("Table 3 analog: best test accuracy (%)" if what == "acc"
-                 else "Table 4 analog: epoch of the best test accuracy")
-        out.append(f"<h3>{title}, augmentation {'on' if aug else 'off'}, T_max {tmax}</h3>")
+    for block in table_blocks(cells, what):
+        opts = block.opts
+        out.append(f"<h3>{block.title}</h3>")
         head = "".join(f"<th>{escape(o)}</th>" for o in opts)
         out.append(f'<table class="t-{what}"><tr><th>structure</th>{head}'
                    + ("<th>average</th>" if what == "acc" else "") + "</tr>")
-        rows: dict[str, dict[str, dict]] = defaultdict(dict)
-        for c in cs:
-            rows[c["structure"]][c["optimizer"]] = c
-        for row, by_opt in rows.items():
+        for row, by_opt in block.rows.items():
             tds = [f'<td class="name">{escape(row)}</td>']
             for o in opts:
                 c = by_opt.get(o)
@@ -108,22 +93,19 @@ def table_html(cells: list[dict], what: str) -> str:
                     tds.append('<td class="missing">not in grid</td>')
                 elif c[ours] is None:
                     tds.append(f'<td class="missing">missing<br>{escape(c["status"])}'
-                               + (f'<br><span class="paper">paper {_fmt(c[paper], digits)}'
+                               + (f'<br><span class="paper">paper {fmt(c[paper], digits)}'
                                   "</span>" if c[paper] is not None else "") + "</td>")
                 else:
                     seeds = f" <small>n={c['seeds']}</small>" if c["of_seeds"] > 1 else ""
-                    tds.append(f'<td><span class="ours">{_fmt(c[ours], digits)}</span>{seeds}'
-                               f'<br><span class="paper">paper {_fmt(c[paper], digits)}</span>'
+                    tds.append(f'<td><span class="ours">{fmt(c[ours], digits)}</span>{seeds}'
+                               f'<br><span class="paper">paper {fmt(c[paper], digits)}</span>'
                                f"<br>{diff_badge(c[diff], what, digits)}</td>")
             if what == "acc":
-                mine = [c[ours] for c in by_opt.values() if c[ours] is not None]
-                theirs = [c[paper] for c in by_opt.values()
-                          if c[paper] is not None and c[ours] is not None]
-                avg, pav = (mean(mine) if mine else None), (mean(theirs) if theirs else None)
-                star = "*" if len(mine) < len(opts) else ""
+                avg, pav, partial = row_average(by_opt, len(opts))
+                star = "*" if partial else ""
                 badge = diff_badge(None if avg is None or pav is None else avg - pav, what, 2)
-                tds.append(f'<td><span class="ours">{_fmt(avg, 2)}{star}</span><br>'
-                           f'<span class="paper">paper {_fmt(pav, 2)}</span><br>{badge}</td>')
+                tds.append(f'<td><span class="ours">{fmt(avg, 2)}{star}</span><br>'
+                           f'<span class="paper">paper {fmt(pav, 2)}</span><br>{badge}</td>')
             out.append("<tr>" + "".join(tds) + "</tr>")
         out.append("</table>")
     if what == "acc":
@@ -175,7 +157,7 @@ def environment_html(runs: list[dict]) -> str:
     rows = []
     for r in runs:
         env = json.loads(r["environment"]) if r["environment"] else None
-        best = _fmt(None if r["best_acc"] is None else 100 * r["best_acc"], 2)
+        best = fmt(None if r["best_acc"] is None else 100 * r["best_acc"], 2)
         cols = [escape(r["label"]), escape(r["status"]), f"{r['epochs_done']}/{r['epochs']}",
                 best]
         if env is None:
