@@ -17,7 +17,6 @@ import argparse
 import functools
 import hashlib
 import json
-import math
 import os
 import sqlite3
 import sys
@@ -558,9 +557,6 @@ def check_flags(args: argparse.Namespace) -> None:
         raise GridError(f"--runs-per-gpu must be at least 1, got {args.runs_per_gpu}")
     if args.max_retries < 0:
         raise GridError(f"--max-retries must be 0 or more, got {args.max_retries}")
-    # NaN would reach the epochs table as NULL (SQLite has no NaN) and fail each cell there.
-    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
-        raise GridError(f"--lr must be a positive finite number, got {args.lr}")
 
 
 def effective_subset(asked: int | None, available: int, what: str, flag: str) -> int | None:
@@ -620,7 +616,8 @@ def _run(args: argparse.Namespace) -> int:
                    "kernels": args.kernels, "loader_workers": args.loader_workers,
                    "cache": args.cache}
         # Check the run settings once here, built as each cell builds them, rather than failing
-        # every cell (and using up its attempts) with them.
+        # every cell (and using up its attempts) with them: a NaN --lr, say, would reach the
+        # epochs table as NULL (SQLite has no NaN) and fail each cell there.
         asked = Protocol(epochs=plan.epochs, lr=args.lr, train_subset=plan.train_subset,
                          test_subset=plan.test_subset)
         try:

@@ -20,6 +20,8 @@ from fastres.kernels.model import TritonResNet
 from fastres.models import build
 from fastres.structures import STRUCTURES
 
+from .conftest import assert_scaled_close
+
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 GPU = DEV.type == "cuda"
 
@@ -46,9 +48,7 @@ def assert_grads_close(eager, triton, rel):
     ge = {n: p.grad for n, p in eager.named_parameters()}
     for name, p in triton.named_parameters():
         assert p.grad is not None, name
-        scale = ge[name].abs().max().clamp_min(1e-6)
-        err = ((p.grad.float() - ge[name].float()).abs().max() / scale).item()
-        assert err < rel, f"{name}: max error {err:.2e} of the largest entry"
+        assert_scaled_close(p.grad.float(), ge[name].float(), rel, name, floor=1e-6)
 
 
 def assert_buffers_close(eager, triton):
