@@ -337,7 +337,8 @@ def graph_loop(cfg, data_arrays, betons, epochs: int, on_epoch: Callable[[dict],
     from fastres.loaders.augment import DeviceAugment
 
     from fastres.models import build
-    from fastres.train import OPTIMIZERS, PRECISIONS, make_loaders, make_scheduler
+    from fastres.protocol import OPTIMIZER_SETTINGS as OPTIMIZERS
+    from fastres.train import PRECISIONS, make_loaders, make_scheduler
 
     device = torch.device(cfg.device)
     if cfg.optimizer not in ("sgd", "nesterov"):

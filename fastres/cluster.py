@@ -32,6 +32,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from fastres.data import BetonPair
+from fastres.records import EpochMetrics, RunResult
 from fastres.results import (
     LEASE_TTL,
     RAY_WORKER_ENV,
@@ -42,7 +43,7 @@ from fastres.results import (
     new_owner,
     state_from_bytes,
 )
-from fastres.train import EpochMetrics, RunResult, TrainConfig
+from fastres.train import TrainConfig
 
 # Every task and actor of the grid runs with it: ResultsDB and save_checkpoint refuse there.
 WORKER_RUNTIME_ENV = {"env_vars": {RAY_WORKER_ENV: "1"}}

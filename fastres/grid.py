@@ -27,13 +27,18 @@ from typing import TYPE_CHECKING, Any
 from fastres.data import SYNTHETIC, SYNTHETIC_WARNING, BetonPair, DataError, DataUnavailable
 from fastres.live import LiveBoard, local_worker, silence_conversion_bars, use_live
 from fastres.models import KernelsUnavailable
-from fastres.structures import STRUCTURES, ResNetSpec, SpecError, describe
-from fastres.train import (
-    OPTIMIZERS,
+from fastres.protocol import (
+    CIFAR_SIZES,
+    OPTIMIZER_SETTINGS,
+    PAPER_OPTIMIZERS,
+    SMOKE_SPEC,
     TEST_BATCH,
     TRAIN_BATCH,
     WEIGHT_DECAY,
-    EpochMetrics,
+)
+from fastres.records import EpochMetrics
+from fastres.structures import STRUCTURES, ResNetSpec, SpecError, describe
+from fastres.train import (
     Interrupted,
     TrainConfig,
     add_run_arguments,
@@ -44,9 +49,6 @@ if TYPE_CHECKING:
     from fastres.tensorboard import TensorBoardExport
 
 H200_BF16_FLOPS = 790e12  # measured dense bf16 rate quoted in protocol.md: the speed floor
-CIFAR_SIZES = (50_000, 10_000)
-SMOKE_SPEC = "N=2 B=1,1 C_in=8 F0=3 P0=1 F1=3 P1=1 K=1"
-PAPER_OPTIMIZERS = ("sgd", "nesterov", "adam", "adadelta", "adagrad")
 
 
 class GridError(ValueError):
@@ -178,10 +180,10 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
                 raise GridError(f"--spec {text!r}: {e}") from None
     if args.optimizers is not None:
         names = _split(args.optimizers, "--optimizers")
-        bad = [n for n in names if n not in OPTIMIZERS]
+        bad = [n for n in names if n not in OPTIMIZER_SETTINGS]
         if bad:
             raise GridError(f"--optimizers: unknown optimizer {bad[0]!r} "
-                            f"(choose from {', '.join(OPTIMIZERS)})")
+                            f"(choose from {', '.join(OPTIMIZER_SETTINGS)})")
         plan.optimizers = names
     if args.augment is not None:
         plan.augment = _on_off(args.augment, "--augment")
@@ -438,7 +440,7 @@ def run_job(job: Job, on_epoch=None, threads: int | None = None) -> tuple[str, s
 def register(db, cell: Cell, protocol: Protocol, data_source: str) -> str:
     """Add the cell's run to the results database (if new); returns its run id."""
     rid = run_id(cell, protocol)
-    settings = {**OPTIMIZERS[cell.optimizer][1], "weight_decay": protocol.weight_decay}
+    settings = {**OPTIMIZER_SETTINGS[cell.optimizer][1], "weight_decay": protocol.weight_decay}
     if protocol.lr is not None:
         settings["lr"] = protocol.lr
     db.register(rid, {
@@ -526,7 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--preset", choices=tuple(PRESETS), default="paper")
     ap.add_argument("--structures", help="Table 1 structures, e.g. 1,6")
     ap.add_argument("--spec", action="append", help="a custom structure (repeatable)")
-    ap.add_argument("--optimizers", help=f"from {','.join(OPTIMIZERS)}")
+    ap.add_argument("--optimizers", help=f"from {','.join(OPTIMIZER_SETTINGS)}")
     ap.add_argument("--augment", help="on,off")
     ap.add_argument("--normalize", help="on,off")
     ap.add_argument("--epochs", type=int)

@@ -27,7 +27,7 @@ from urllib.parse import quote
 
 import torch
 
-from fastres.train import EpochMetrics, RunResult
+from fastres.records import EpochMetrics, RunResult
 
 SCHEMA_VERSION = 1
 DB_NAME = "results.sqlite"

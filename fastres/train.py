@@ -26,7 +26,6 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import torch
 import torch.nn as nn
@@ -42,19 +41,20 @@ from fastres.data import (
     write_json_atomic,
 )
 from fastres.loaders.augment import DeviceAugment
-from fastres.loaders.cifar import TEST_BATCH, TRAIN_BATCH, CifarLoader
+from fastres.loaders.cifar import CifarLoader
 from fastres.models import KERNELS, KernelsUnavailable, build
+from fastres.protocol import (
+    EPOCHS,
+    OPTIMIZER_SETTINGS,
+    TEST_BATCH,
+    TMAX,
+    TRAIN_BATCH,
+    WEIGHT_DECAY,
+    base_lr,
+)
+from fastres.records import Checkpointer, EpochMetrics, RunResult, best_of, finite
 from fastres.structures import PARAM_BUDGET, STRUCTURES, ResNetSpec, SpecError, resolve
 
-# Table 2, with the script's coupled L2 (optimizer weight_decay): Adam is Adam, not AdamW.
-OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict]] = {
-    "sgd": (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}),
-    "nesterov": (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "nesterov": True}),
-    "adam": (torch.optim.Adam, {"lr": 1e-3}),
-    "adadelta": (torch.optim.Adadelta, {"lr": 1.0}),
-    "adagrad": (torch.optim.Adagrad, {"lr": 0.01}),
-}
-WEIGHT_DECAY = 5e-4
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEVICE_FORMS = "cpu, cuda or cuda:N"
 # FFCV seeds numpy with seed + epoch (non-negative only) and the results store keeps it in a
@@ -105,8 +105,8 @@ class TrainConfig:
     optimizer: str = "sgd"
     augment: bool = True
     normalize: bool = True
-    epochs: int = 500
-    tmax: int = 200
+    epochs: int = EPOCHS
+    tmax: int = TMAX
     lr: float | None = None  # None: Table 2's rate for the optimizer
     weight_decay: float = WEIGHT_DECAY
     seed: int = 0
@@ -142,7 +142,7 @@ class TrainConfig:
             precision=self.precision or ("bf16" if gpu else "fp32"),
             channels_last=channels_last,
             compile=gpu if self.compile is None else self.compile,
-            lr=OPTIMIZERS[self.optimizer][1]["lr"] if self.lr is None else self.lr,
+            lr=base_lr(self.optimizer) if self.lr is None else self.lr,
         )
         c.check()
         return c
@@ -152,8 +152,8 @@ class TrainConfig:
         where resolved() fills it in)."""
         if self.device is not None:
             parse_device(self.device)
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, "
+        if self.optimizer not in OPTIMIZER_SETTINGS:
+            raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZER_SETTINGS)}, "
                              f"got {self.optimizer!r}")
         if self.precision is not None and self.precision not in PRECISIONS:
             raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, "
@@ -185,38 +185,10 @@ class TrainConfig:
         return d
 
 
-@dataclass
-class EpochMetrics:
-    epoch: int  # 1-based
-    lr: float  # the rate used during this epoch
-    train_loss: float
-    train_acc: float
-    test_loss: float
-    test_acc: float
-    seconds: float
-
-
-@dataclass
-class RunResult:
-    config: dict
-    status: str  # "completed" or "diverged"
-    epochs: list[EpochMetrics]
-    best_acc: float | None
-    best_epoch: int | None  # 1-based
-    loss_at_best: float | None
-    diverged_at: int | None
-    environment: dict
-    data: dict
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["epochs"] = [dataclasses.asdict(e) for e in self.epochs]
-        return d
-
-
 def make_optimizer(name: str, params, lr: float | None = None,
                    weight_decay: float = WEIGHT_DECAY) -> torch.optim.Optimizer:
-    cls, kwargs = OPTIMIZERS[name]
+    cls_name, kwargs = OPTIMIZER_SETTINGS[name]
+    cls = getattr(torch.optim, cls_name)
     kwargs = {**kwargs, "weight_decay": weight_decay}
     if lr is not None:
         kwargs["lr"] = lr
@@ -241,19 +213,6 @@ def environment(device: torch.device) -> dict:
     return {"fastres": fastres.__version__, "git_commit": commit or None,
             "torch": torch.__version__, "python": platform.python_version(),
             "device": str(device), "device_name": name or platform.machine()}
-
-
-def _finite(m: EpochMetrics) -> bool:
-    return math.isfinite(m.train_loss) and math.isfinite(m.test_loss)
-
-
-def best_of(epochs: list[EpochMetrics]) -> tuple[float | None, int | None, float | None]:
-    """Best test accuracy, its 1-based epoch (the first if tied) and the test loss there."""
-    finite = [e for e in epochs if math.isfinite(e.test_loss)]
-    if not finite:
-        return None, None, None
-    best = max(finite, key=lambda e: (e.test_acc, -e.epoch))
-    return best.test_acc, best.epoch, best.test_loss
 
 
 def make_loaders(cfg: TrainConfig, data: BetonPair) -> tuple[CifarLoader, CifarLoader]:
@@ -311,16 +270,6 @@ def stop_on_signals(signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)
         for s, handler in previous.items():
             # None: a handler not set from Python; the default is the closest we can restore.
             signal.signal(s, signal.SIG_DFL if handler is None else handler)
-
-
-class Checkpointer(Protocol):
-    """Where a resumable run keeps its state (fastres.results implements it on SQLite)."""
-
-    def load(self) -> tuple[dict, list[EpochMetrics]] | None:
-        """The state saved after the last committed epoch and the metrics so far, or None."""
-
-    def commit(self, metrics: EpochMetrics, state: dict) -> None:
-        """Make this epoch's metrics and state durable before the next epoch starts."""
 
 
 def train(cfg: TrainConfig, data: BetonPair | None = None,
@@ -382,7 +331,7 @@ def train(cfg: TrainConfig, data: BetonPair | None = None,
         train_loader.epoch = state["loader_epoch"]
         log(f"[train] resuming after epoch {state['epoch']}")
     status, diverged_at = "completed", None
-    if history and not _finite(history[-1]):  # killed between a diverged epoch and its report
+    if history and not finite(history[-1]):  # killed between a diverged epoch and its report
         status, diverged_at = "diverged", history[-1].epoch
     remaining = range(len(history) + 1, cfg.epochs + 1) if status == "completed" else range(0)
     for epoch in remaining:
@@ -428,7 +377,7 @@ def train(cfg: TrainConfig, data: BetonPair | None = None,
                 "loader_epoch": train_loader.epoch})
         if on_epoch is not None:
             on_epoch(m)
-        if not _finite(m):
+        if not finite(m):
             status, diverged_at = "diverged", epoch
             log(f"[train] loss is {train_loss if not math.isfinite(train_loss) else test_loss} "
                 f"at epoch {epoch}: run diverged, stopping")
@@ -495,11 +444,11 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--structure", type=int, help="Table 1 structure, 1..9 (default 1)")
     ap.add_argument("--spec", help='custom structure: "N=2 B=1,1 C_in=16 F0=3 P0=1 F1=3 P1=1 K=1"')
-    ap.add_argument("--optimizer", choices=tuple(OPTIMIZERS), default="sgd")
+    ap.add_argument("--optimizer", choices=tuple(OPTIMIZER_SETTINGS), default="sgd")
     ap.add_argument("--augment", type=on_off, default=True, metavar="on|off")
     ap.add_argument("--normalize", type=on_off, default=True, metavar="on|off")
-    ap.add_argument("--epochs", type=int, default=500)
-    ap.add_argument("--tmax", type=int, default=200, help="cosine T_max in epochs; 0 = constant")
+    ap.add_argument("--epochs", type=int, default=EPOCHS)
+    ap.add_argument("--tmax", type=int, default=TMAX, help="cosine T_max in epochs; 0 = constant")
     ap.add_argument("--lr", type=float, help="override Table 2's learning rate")
     ap.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY)
     ap.add_argument("--seed", type=int, default=0)

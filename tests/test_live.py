@@ -11,8 +11,8 @@ from rich.console import Console
 
 from fastres.grid import Cell, Progress, main
 from fastres.live import LiveBoard, render_text, use_live, worker_name
+from fastres.records import EpochMetrics
 from fastres.structures import STRUCTURES
-from fastres.train import EpochMetrics
 
 from .test_grid import ROOT, grid_args, grid_data  # noqa: F401  (module fixture)
 

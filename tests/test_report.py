@@ -13,10 +13,10 @@ import pytest
 
 from fastres.grid import Cell, Protocol, register
 from fastres.grid import main as grid_main
+from fastres.records import EpochMetrics, RunResult, best_of
 from fastres.report import main
 from fastres.results import ResultsDB, new_owner
 from fastres.structures import STRUCTURES
-from fastres.train import EpochMetrics, RunResult, best_of
 
 from .test_grid import grid_args, grid_data  # noqa: F401  (module fixture)
 

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from fastres.grid import Cell, Protocol, register
+from fastres.records import EpochMetrics, RunResult, best_of
 from fastres.report import main
 from fastres.results import ResultsDB, new_owner
 from fastres.structures import STRUCTURES
-from fastres.train import EpochMetrics, RunResult, best_of
 
 PNG = b"\x89PNG\r\n\x1a\n"
 ENV = {"fastres": "0.1.0", "git_commit": "0123456789abcdef0123", "torch": "2.14.1",

@@ -13,11 +13,11 @@ from tensorboard.plugins.hparams import metadata
 
 from fastres.grid import Cell, Protocol, register
 from fastres.grid import main as grid_main
+from fastres.records import EpochMetrics, RunResult, best_of
 from fastres.report import main as report_main
 from fastres.results import ResultsDB, new_owner
 from fastres.structures import STRUCTURES
 from fastres.tensorboard import INDEX, ExportBusy, TensorBoardExport, export
-from fastres.train import EpochMetrics, RunResult, best_of
 
 from .test_grid import grid_args, grid_data  # noqa: F401  (module fixture)
 

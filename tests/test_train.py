@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 
+from fastres.protocol import OPTIMIZER_SETTINGS
+from fastres.records import best_of
 from fastres.structures import ResNetSpec
 from fastres.train import (
-    OPTIMIZERS,
     TrainConfig,
-    best_of,
     main,
     make_optimizer,
     make_scheduler,
@@ -53,7 +53,7 @@ def test_tmax_zero_is_constant():
     assert lr_sequence(0, 500) == [0.1] * 500
 
 
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("name", sorted(OPTIMIZER_SETTINGS))
 def test_optimizer_settings_match_table_2(name):
     opt = make_optimizer(name, [torch.nn.Parameter(torch.zeros(1))])
     g = opt.param_groups[0]
@@ -83,7 +83,7 @@ def test_run_reports_every_epoch_and_its_rate(tiny_betons, tmp_path):
 
 
 def test_best_epoch_is_first_of_ties_and_one_based():
-    from fastres.train import EpochMetrics
+    from fastres.records import EpochMetrics
 
     eps = [EpochMetrics(i + 1, 0.1, 1.0, 0.5, loss, acc, 1.0)
            for i, (acc, loss) in enumerate([(0.3, 2.0), (0.6, 1.5), (0.6, 1.2), (0.5, 1.0)])]
