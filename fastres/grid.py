@@ -616,7 +616,8 @@ def _run(args: argparse.Namespace) -> int:
         compute = {"device": args.device, "precision": args.precision,
                    "channels_last": args.channels_last, "compile": args.compile,
                    "kernels": args.kernels, "loader_workers": args.loader_workers,
-                   "cache": args.cache}
+                   "cache": args.cache, "placement": args.placement, "graphs": args.graphs,
+                   "checkpoint_every": args.checkpoint_every}
         # Check the run settings once here, built as each cell builds them, rather than failing
         # every cell (and using up its attempts) with them: a NaN --lr, say, would reach the
         # epochs table as NULL (SQLite has no NaN) and fail each cell there.

@@ -56,6 +56,9 @@ from fastres.records import Checkpointer, EpochMetrics, RunResult, best_of, fini
 from fastres.structures import PARAM_BUDGET, STRUCTURES, ResNetSpec, SpecError, resolve
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+KERNEL_CHOICES = ("auto", *KERNELS)
+PLACEMENTS = ("auto", "resident", "stream")
+CHECKPOINT_EVERY = 60.0
 DEVICE_FORMS = "cpu, cuda or cuda:N"
 # FFCV seeds numpy with seed + epoch (non-negative only) and the results store keeps it in a
 # signed 64-bit column: numpy's classic 32-bit seed range fits all of them.
@@ -114,7 +117,10 @@ class TrainConfig:
     precision: str | None = None  # None: bf16 on a GPU, fp32 on the CPU
     channels_last: bool | None = None  # None: on for a GPU
     compile: bool | None = None  # None: on for a GPU
-    kernels: str = "eager"
+    kernels: str = "auto"  # eager, triton, or auto: what a GPU measurement found fastest
+    placement: str = "auto"  # resident, stream, or auto: resident on a GPU where it fits
+    graphs: bool | None = None  # None: the whole step in CUDA graphs on a GPU
+    checkpoint_every: float = CHECKPOINT_EVERY  # seconds between saved states; 0 = every epoch
     batch_size: int = TRAIN_BATCH
     test_batch_size: int = TEST_BATCH
     train_subset: int | None = None  # a fixed random N of the training images (smoke, tests)
@@ -137,12 +143,31 @@ class TrainConfig:
             else:
                 log(f"[train] {CPU_CHANNELS_LAST}")
             channels_last = False
+        precision = self.precision or ("bf16" if gpu else "fp32")
+        if self.graphs and not gpu:
+            raise ValueError(f"--graphs on needs a CUDA GPU; {device} has no CUDA graphs")
+        if self.graphs and precision == "fp16":
+            raise ValueError("--graphs on with --precision fp16: fp16's loss scaler reads its "
+                             "inf check on the host every step, which a CUDA graph cannot hold; "
+                             "use bf16 (no scaler) or --graphs off")
+        kernels, why = self.kernels, ""
+        if kernels == "auto":
+            from fastres.kernel_choice import choose
+
+            kernels, why = choose(self.spec, parse_device(device))
+            say = log or (lambda m: None)
+            say(f"[train] --kernels auto: {kernels} ({why})")
         c = dataclasses.replace(
-            self, device=device,
-            precision=self.precision or ("bf16" if gpu else "fp32"),
-            channels_last=channels_last,
+            self, device=device, precision=precision, channels_last=channels_last,
             compile=gpu if self.compile is None else self.compile,
             lr=base_lr(self.optimizer) if self.lr is None else self.lr,
+            kernels=kernels,
+            # On the CPU the FFCV stream is the default: host memory is the device's memory
+            # anyway, and it keeps the on-disk format exercised. train() falls back to the
+            # stream where the data does not fit on the GPU.
+            placement=("resident" if gpu else "stream") if self.placement == "auto"
+            else self.placement,
+            graphs=(gpu and precision != "fp16") if self.graphs is None else self.graphs,
         )
         c.check()
         return c
@@ -158,8 +183,15 @@ class TrainConfig:
         if self.precision is not None and self.precision not in PRECISIONS:
             raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, "
                              f"got {self.precision!r}")
-        if self.kernels not in KERNELS:
-            raise ValueError(f"--kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
+        if self.kernels not in KERNEL_CHOICES:
+            raise ValueError(f"--kernels must be one of {', '.join(KERNEL_CHOICES)}, "
+                             f"got {self.kernels!r}")
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"--placement must be one of {', '.join(PLACEMENTS)}, "
+                             f"got {self.placement!r}")
+        if not (math.isfinite(self.checkpoint_every) and self.checkpoint_every >= 0):
+            raise ValueError(f"--checkpoint-every must be 0 (every epoch) or a positive number "
+                             f"of seconds, got {self.checkpoint_every}")
         for name in ("epochs", "batch_size", "test_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, "
@@ -430,8 +462,20 @@ def add_run_arguments(ap: argparse.ArgumentParser) -> None:
                     help="autocast dtype (default: bf16 on a GPU, fp32 on the CPU)")
     ap.add_argument("--channels-last", type=on_off, default=None, metavar="on|off")
     ap.add_argument("--compile", type=on_off, default=None, metavar="on|off")
-    ap.add_argument("--kernels", choices=KERNELS, default="eager",
-                    help="eager: the PyTorch reference; triton: fastres' fused kernels")
+    ap.add_argument("--kernels", choices=KERNEL_CHOICES, default="auto",
+                    help="eager: PyTorch everywhere (the reference); triton: fastres' fused "
+                    "kernels everywhere; auto (default): per structure, what a committed GPU "
+                    "measurement found fastest on this kind of GPU, else eager")
+    ap.add_argument("--placement", choices=PLACEMENTS, default="auto",
+                    help="resident: the uint8 data copied once to the device, shuffled there; "
+                    "stream: the FFCV loader; auto (default): resident on a GPU where it fits")
+    ap.add_argument("--graphs", type=on_off, default=None, metavar="on|off",
+                    help="capture the whole training step (optimizer included) and evaluation "
+                    "in CUDA graphs (default: on for a GPU)")
+    ap.add_argument("--checkpoint-every", type=float, default=CHECKPOINT_EVERY,
+                    metavar="SECONDS", help="save the training state at most this often, off "
+                    "the training thread (default 60; 0 = every epoch); metrics are recorded "
+                    "every epoch, and the state at the end and on SIGTERM/SIGINT")
     ap.add_argument("--train-subset", type=int, help="use a fixed random N of the training images")
     ap.add_argument("--test-subset", type=int, help="use a fixed random N of the test images")
     ap.add_argument("--loader-workers", type=int, default=0,
@@ -475,6 +519,7 @@ def _run(args: argparse.Namespace) -> int:
             epochs=args.epochs, tmax=args.tmax, lr=args.lr, weight_decay=args.weight_decay,
             seed=args.seed, device=args.device, precision=args.precision,
             channels_last=args.channels_last, compile=args.compile, kernels=args.kernels,
+            placement=args.placement, graphs=args.graphs, checkpoint_every=args.checkpoint_every,
             train_subset=args.train_subset, test_subset=args.test_subset, data=args.data,
             cache=args.cache, loader_workers=args.loader_workers).resolved(log=print)
         if args.json:  # before the data and the run, not after them
