@@ -32,9 +32,6 @@ if str(REPO) not in sys.path:  # run as `python benchmarks/x.py` from a checkout
 DATA_CANDIDATES = (REPO.parent / "shared/data/cifar10-jpeg.tar.gz",
                    REPO / "device/data/cifar10-jpeg.tar.gz")
 
-# The tiny structure every --smoke run uses (the toolchain notes' CPU baseline spec).
-SMOKE_SPEC = "N=2 B=1,1 C_in=16 F0=3 P0=1 F1=3 P1=1 K=1"
-
 
 def cpu_count() -> int:
     try:

@@ -6,17 +6,21 @@
 #   run(command="bash benchmarks/device_check.sh", carry=["device"], timeout_s=560)
 #
 # Steps, each bounded by `timeout` and none fatal to the rest: install the ffcv wheels from
-# device/wheels and lay fastres out in /tmp as it installs; the kernel equivalence tests natively on the GPU;
+# device/wheels and lay fastres out in /tmp as it installs; the kernel equivalence tests natively
+# on the GPU; benchmarks/kernel_table.py (a training step per structure, eager vs triton: the
+# table `--kernels auto` reads, trusting the kernels only if those tests passed);
 # benchmarks/kernels.py; loader.py over the training set; epoch_time.py for structure 1, each
 # rung in its own process (a few epochs per rung). Raw outputs go under $OUT: the log, the
-# JSON + Markdown of loader and epoch_time, and one tarball of everything else (the device tool
-# returns at most 8 files). If ffcv does not install, the rungs and loaders that need it say so
-# in their rows and the rest still run.
+# JSON + Markdown of loader and epoch_time, kernel_table.json (the committed table plus this
+# GPU's entry: copy it to fastres/kernel_table.json to commit it), and one tarball of everything
+# else (the device tool returns at most 8 files). If ffcv does not install, the rungs and
+# loaders that need it say so in their rows and the rest still run.
 #
 # Knobs (environment): BUDGET_S (default 500, the whole script), EPOCHS (measured epochs per
 # rung, 2), RUNG_BUDGET (seconds per rung, 45), STRUCTURES (1), RUNGS (1,8,7,5,3,4,6,2), TO_BEST=1 adds the 200-epoch run
 # (structure 1, SGD) if the budget still allows it, PY (python3), SMOKE=1 passes --smoke to the
-# benchmarks (a dry run of this script on a CPU machine).
+# benchmarks (a dry run of this script on a CPU machine), KTABLE_STRUCTURES (1-9) and
+# KTABLE_BUDGET (seconds, 120) for kernel_table.py.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -109,10 +113,54 @@ step "kernel equivalence tests, natively on the GPU (no TRITON_INTERPRET)"
 unset TRITON_INTERPRET
 shopt -s nullglob
 ktests=(tests/test_kernels_*.py)
+KTESTS_RC="not run"  # 0 only when every kernel equivalence test passed natively here
 if [ ${#ktests[@]} -gt 0 ]; then
   bounded 150 "$RAW/kernel_tests.log" "$PY" -m pytest -q -p no:cacheprovider "${ktests[@]}"
+  KTESTS_RC=$?
 else
   echo "[device_check] no tests/test_kernels_*.py in this checkout"
+fi
+
+step "benchmarks/kernel_table.py: a training step per structure, eager vs triton (--kernels auto)"
+# Merges this GPU's entry into a copy of the committed table under $OUT (commit it by copying it
+# to fastres/kernel_table.json), and into the tree the later steps import, so they choose from
+# it too. The entry trusts the kernels only when the tests above passed (exit code 0).
+if [ -f benchmarks/kernel_table.py ]; then
+  KT_FLAGS=()
+  KT_SUMMARY=$(tail -n 1 "$RAW/kernel_tests.log" 2>/dev/null | sed 's/^[= ]*//; s/[= ]*$//')
+  # Exit code 0 and some test passed: a run where every test skipped proves nothing.
+  if [ "$KTESTS_RC" = 0 ] && [[ "$KT_SUMMARY" == *" passed"* ]]; then
+    KT_FLAGS=(--equivalence-passed --equivalence-summary "$KT_SUMMARY")
+  else
+    echo "[device_check] kernel equivalence tests: rc=$KTESTS_RC ($KT_SUMMARY), so the entry" \
+      "says not passed"
+  fi
+  if [ "${SMOKE:-0}" = 1 ]; then
+    KT_FLAGS=(--smoke)  # a CPU dry run: eager only, device "cpu-smoke", never the package's
+  else
+    KT_FLAGS+=(--structures "${KTABLE_STRUCTURES:-1-9}")
+    cp fastres/kernel_table.json "$OUT/kernel_table.json" 2>/dev/null || true
+  fi
+  KT_WANT=${KTABLE_BUDGET:-120}
+  KT_T=$(( KT_WANT < $(left) - 15 ? KT_WANT : $(left) - 15 ))
+  # --deadline inside the step's timeout: structures it has no time for are skipped (and it
+  # says so), and the table is rewritten after each, so a cut-short run keeps what it measured.
+  bounded "$KT_WANT" "$RAW/kernel_table.log" "$PY" benchmarks/kernel_table.py "${KT_FLAGS[@]}" \
+    --deadline $(( KT_T > 60 ? KT_T - 40 : 20 )) --out "$OUT/kernel_table.json"
+  KT_RC=$?  # 2: it refused (no GPU, a bad table) and wrote nothing
+  if [ "${SMOKE:-0}" != 1 ] && [ "$KT_RC" != 2 ] && [ -f "$OUT/kernel_table.json" ]; then
+    cp "$OUT/kernel_table.json" fastres/kernel_table.json \
+      && echo "[device_check] $TREE/fastres/kernel_table.json now holds what was measured here"
+  fi
+else
+  echo "[device_check] no benchmarks/kernel_table.py in this checkout"
+fi
+
+step "graphed training steps vs eager, all five optimizers (tests/test_steps_cuda.py)"
+if [ -f tests/test_steps_cuda.py ]; then
+  bounded 120 "$RAW/steps_tests.log" "$PY" -m pytest -q -p no:cacheprovider tests/test_steps_cuda.py
+else
+  echo "[device_check] no tests/test_steps_cuda.py in this checkout"
 fi
 
 step "benchmarks/kernels.py"
@@ -145,6 +193,7 @@ fi
 
 step "summary"
 nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv || true
+[ -f "$RAW/kernel_table.log" ] && grep -E '^(\||# kernel table)' "$RAW/kernel_table.log"
 for f in "$OUT/loader.md" "$OUT/epoch_time.md" "$RAW/to_best.md"; do
   [ -f "$f" ] && cat "$f"
 done

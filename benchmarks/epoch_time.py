@@ -19,14 +19,14 @@ The ladder (each rung adds one thing to the one before):
   6  + the Triton kernels (fastres.models.build(kernels="triton"))
   7  + CUDA graphs of the whole training step with the optimizer inside (fused SGD with the
      learning rate in a device tensor, so the cosine schedule still applies), and of evaluation
-  8  + training set resident on the device (reshuffled there every epoch, no FFCV) and
-     evaluation batches of 1000 (BatchNorm in eval mode is per-image: same results)
+     (fastres.train with --graphs on --placement stream)
+  8  + training and test sets resident on the device, reshuffled there every epoch from the
+     same permutation source as the stream (--placement resident: the default on a GPU)
 
-Rungs 1-2 time the authors' script shape; 3-6 time fastres's own trainer, unchanged; 7-8 are a
-loop in this file built from fastres's parts (see the report for what fastres would need to
-offer them itself). Every rung keeps the protocol: SGD lr 0.1 momentum 0.9, coupled weight decay
-5e-4, batch 128 reshuffled each epoch with the last partial batch kept, CosineAnnealingLR
-stepped per epoch, test batch 100 (1000 in rung 8), crop with 4-pixel zero padding + flip.
+Rungs 1-2 time the authors' script shape; 3-8 time fastres.train itself with the settings of
+each rung. Every rung keeps the protocol: SGD lr 0.1 momentum 0.9, coupled weight decay 5e-4,
+batch 128 reshuffled each epoch with the last partial batch kept, CosineAnnealingLR stepped per
+epoch, test batch 100, crop with 4-pixel zero padding + flip.
 
 Per rung: median seconds per epoch after --warmup epochs (the warm-up, compilation included, is
 reported apart), images per second (train + test images over the epoch time), achieved TFLOP/s
@@ -40,13 +40,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +57,17 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402  (also puts the checkout on sys.path)
 
+from fastres.protocol import (  # noqa: E402
+    CIFAR_MEAN,
+    CIFAR_STD,
+    OPTIMIZER_SETTINGS,
+    SMOKE_SPEC,
+    TEST_BATCH,
+    TMAX,
+    TRAIN_BATCH,
+    WEIGHT_DECAY,
+)
+
 RUNGS: dict[int, tuple[str, str]] = {
     1: ("paper loop", "torchvision CIFAR10-style + PIL, DataLoader 2 workers, eager fp32"),
     2: ("paper loop, all cores", "DataLoader workers = cores"),
@@ -66,11 +76,11 @@ RUNGS: dict[int, tuple[str, str]] = {
     5: ("+ torch.compile", "torch.compile"),
     6: ("+ Triton kernels", "kernels='triton'"),
     7: ("+ CUDA graphs", "whole step graphed, fused SGD inside; eval graphed"),
-    8: ("+ device-resident data", "train set on device, no FFCV; eval batch 1000"),
+    8: ("+ device-resident data", "train and test sets on the device, no FFCV"),
 }
-PROTO = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "batch": 128, "test_batch": 100,
-         "tmax": 200}
-MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+PROTO = {**OPTIMIZER_SETTINGS["sgd"][1], "weight_decay": WEIGHT_DECAY, "batch": TRAIN_BATCH,
+         "test_batch": TEST_BATCH, "tmax": TMAX}  # SGD's row of the protocol, as reported
+MEAN, STD = CIFAR_MEAN, CIFAR_STD
 
 
 class RungSkipped(Exception):
@@ -207,199 +217,6 @@ def paper_loop(spec, arrays, train_idx, test_idx, workers: int, device: torch.de
                   "test_loss": test_loss / total, "test_acc": correct / total})
 
 
-# ---------------------------------------------------------------------------- rungs 7-8
-
-
-class DeviceResidentLoader:
-    """The whole uint8 split on the device; each epoch a fresh permutation drawn there (seeded
-    by epoch, like FFCV's), batches gathered by index, then fastres's DeviceAugment. Same
-    batches-per-epoch semantics as CifarLoader: reshuffled (train), last partial batch kept."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, train: bool,
-                 device: torch.device, augment, seed: int = 0):
-        self.device = torch.device(device)
-        self.images = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
-        self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(self.device)
-        self.batch_size, self.train, self.augment, self.seed = batch_size, train, augment, seed
-        self.epoch = 0
-        self.generator = torch.Generator(device=self.device).manual_seed(seed + 1)
-        self.order_gen = torch.Generator(device=self.device)
-
-    def __len__(self) -> int:
-        return math.ceil(self.num_samples / self.batch_size)
-
-    @property
-    def num_samples(self) -> int:
-        return len(self.labels)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n = self.num_samples
-        if self.train:
-            self.order_gen.manual_seed(self.seed * 100003 + self.epoch)
-            order = torch.randperm(n, device=self.device, generator=self.order_gen)
-        else:
-            order = None
-        self.epoch += 1
-        for i in range(0, n, self.batch_size):
-            if order is None:
-                x, y = self.images[i:i + self.batch_size], self.labels[i:i + self.batch_size]
-            else:
-                idx = order[i:i + self.batch_size]
-                x, y = self.images[idx], self.labels[idx]
-            yield self.augment(x, self.generator), y
-
-
-class StepRunner:
-    """Runs train steps and eval batches; with graphs=True each (mode, batch size) is run eagerly
-    `warm` times on a side stream (real steps on real batches: compilation, cudnn autotuning and
-    the optimizer's momentum buffers happen there), then captured once and replayed for every
-    later batch of that size. graphs=False runs the same bodies eagerly (the CPU test path)."""
-
-    def __init__(self, model: nn.Module, step_model: nn.Module, opt: torch.optim.Optimizer,
-                 device: torch.device, amp_dtype: torch.dtype | None, graphs: bool,
-                 warm: int = 3):
-        self.model, self.step_model, self.opt, self.device = model, step_model, opt, device
-        self.amp_dtype, self.graphs, self.warm = amp_dtype, graphs, warm
-        self.seen: dict[tuple[str, int], int] = {}
-        self.captured: dict[tuple[str, int], tuple] = {}
-        self.train_loss = torch.zeros((), device=device)
-        self.train_correct = torch.zeros((), device=device, dtype=torch.long)
-        self.test_loss = torch.zeros((), device=device)
-        self.test_correct = torch.zeros((), device=device, dtype=torch.long)
-        self.side = torch.cuda.Stream(device) if graphs else None
-        self.capture_s = 0.0
-
-    def autocast(self):
-        # The autocast weight cache must be off for graph capture (and changes nothing else).
-        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                              enabled=self.amp_dtype is not None, cache_enabled=False)
-
-    def _train_body(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        with self.autocast():
-            logits = self.step_model(x)
-            loss = F.cross_entropy(logits, y)
-        loss.backward()
-        self.opt.step()
-        self.train_loss += loss.detach().float() * y.numel()
-        self.train_correct += (logits.argmax(1) == y).sum()
-
-    def _eval_body(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        with torch.no_grad(), self.autocast():
-            logits = self.step_model(x)
-            self.test_loss += F.cross_entropy(logits.float(), y, reduction="sum")
-            self.test_correct += (logits.argmax(1) == y).sum()
-
-    def run(self, mode: str, x: torch.Tensor, y: torch.Tensor) -> None:
-        body = self._train_body if mode == "train" else self._eval_body
-        key = (mode, x.shape[0])
-        if not self.graphs:
-            if mode == "train":
-                self.opt.zero_grad(set_to_none=True)
-            body(x, y)
-            return
-        if key in self.captured:
-            g, sx, sy = self.captured[key]
-            sx.copy_(x)
-            sy.copy_(y)
-            g.replay()
-            return
-        if self.seen.get(key, 0) < self.warm:
-            self.seen[key] = self.seen.get(key, 0) + 1
-            self.side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(self.side):
-                if mode == "train":
-                    self.opt.zero_grad(set_to_none=True)
-                body(x, y)
-            torch.cuda.current_stream(self.device).wait_stream(self.side)
-            return
-        # Capture records without running; the replay right after trains on this batch.
-        t0 = time.perf_counter()
-        sx, sy = x.clone(), y.clone()
-        g = torch.cuda.CUDAGraph()
-        if mode == "train":
-            self.opt.zero_grad(set_to_none=True)  # grads come from the graph's own pool
-        # Captured on the stream the warm-ups ran on, so the lazily made backward state
-        # (AccumulateGrad and the like) belongs to it and not to the default stream; and
-        # thread-local, so FFCV's prefetching thread may go on copying batches meanwhile.
-        with torch.cuda.graph(g, stream=self.side, capture_error_mode="thread_local"):
-            body(sx, sy)
-        self.captured[key] = (g, sx, sy)
-        torch.cuda.synchronize(self.device)
-        self.capture_s += time.perf_counter() - t0
-        g.replay()
-
-
-def graph_loop(cfg, data_arrays, betons, epochs: int, on_epoch: Callable[[dict], None], *,
-               graphs: bool, device_resident: bool, eval_batch: int,
-               train_idx=None, test_idx=None) -> None:
-    """Rungs 7 and 8: fastres's model, optimizer settings, schedule and augmentation in a
-    loop that replays CUDA graphs. `cfg` is a resolved fastres.train.TrainConfig."""
-    from fastres.loaders.augment import DeviceAugment
-
-    from fastres.models import build
-    from fastres.protocol import OPTIMIZER_SETTINGS as OPTIMIZERS
-    from fastres.train import PRECISIONS, make_loaders, make_scheduler
-
-    device = torch.device(cfg.device)
-    if cfg.optimizer not in ("sgd", "nesterov"):
-        raise RungSkipped(f"graphed step written for SGD only, not {cfg.optimizer}")
-    amp_dtype = PRECISIONS[cfg.precision]
-    dtype = amp_dtype or torch.float32
-    if device_resident:
-        (xtr, ytr), (xte, yte) = data_arrays["train"], data_arrays["test"]
-        if train_idx is not None:
-            xtr, ytr = xtr[train_idx], ytr[train_idx]
-        if test_idx is not None:
-            xte, yte = xte[test_idx], yte[test_idx]
-        train_loader = DeviceResidentLoader(
-            xtr, ytr, cfg.batch_size, True, device,
-            DeviceAugment(crop=cfg.augment, flip=cfg.augment, normalize=cfg.normalize,
-                          dtype=dtype), seed=cfg.seed)
-        test_loader = DeviceResidentLoader(
-            xte, yte, eval_batch, False, device,
-            DeviceAugment(crop=False, flip=False, normalize=cfg.normalize, dtype=dtype),
-            seed=cfg.seed)
-    else:
-        train_loader, test_loader = make_loaders(cfg, betons)
-
-    torch.manual_seed(cfg.seed)
-    model = build(cfg.spec, kernels=cfg.kernels, device=device).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    _, kwargs = OPTIMIZERS[cfg.optimizer]
-    # A device-tensor lr lets the scheduler's fill_() reach a captured step; fused SGD is the
-    # implementation that takes a tensor lr without a host sync.
-    on_gpu = device.type == "cuda"
-    opt = torch.optim.SGD(model.parameters(), **{
-        **kwargs, "lr": torch.tensor(cfg.lr, device=device) if on_gpu else cfg.lr,
-        "weight_decay": cfg.weight_decay, "fused": on_gpu})
-    sched = make_scheduler(opt, cfg.tmax)
-    step_model = torch.compile(model) if cfg.compile else model
-    runner = StepRunner(model, step_model, opt, device, amp_dtype, graphs)
-
-    for epoch in range(1, epochs + 1):
-        t0 = time.perf_counter()
-        model.train()
-        runner.train_loss.zero_()
-        runner.train_correct.zero_()
-        for images, labels in train_loader:
-            runner.run("train", images, labels)
-        sched.step()
-        model.eval()
-        runner.test_loss.zero_()
-        runner.test_correct.zero_()
-        for images, labels in test_loader:
-            runner.run("eval", images, labels)
-        ntr, nte = train_loader.num_samples, test_loader.num_samples
-        m = {"epoch": epoch, "train_loss": runner.train_loss.item() / ntr,
-             "train_acc": runner.train_correct.item() / ntr,
-             "test_loss": runner.test_loss.item() / nte,
-             "test_acc": runner.test_correct.item() / nte}
-        m["seconds"] = time.perf_counter() - t0
-        m["capture_s"] = runner.capture_s
-        on_epoch(m)
-
-
 # ---------------------------------------------------------------------------- one rung
 
 
@@ -460,17 +277,19 @@ class Setup:
 
 
 def train_config(setup: Setup, rung: int, epochs: int):
-    from fastres.train import TrainConfig
+    from fastres.plan import Cell, GridProtocol
 
-    return TrainConfig(
-        spec=setup.spec, structure=None, optimizer="sgd", epochs=epochs, tmax=PROTO["tmax"],
-        seed=setup.seed, device=str(setup.device),
-        precision="fp32" if rung == 3 else "bf16",
+    cell = Cell(setup.spec, None, "sgd", tmax=PROTO["tmax"], seed=setup.seed)
+    protocol = GridProtocol(epochs=epochs, train_subset=setup.train_subset,
+                            test_subset=setup.test_subset)
+    return cell.config(protocol, {
+        "device": str(setup.device), "precision": "fp32" if rung == 3 else "bf16",
         # The CPU trains in NCHW: oneDNN's channels-last backward is wrong at some shapes.
-        channels_last=rung >= 4 and setup.device.type == "cuda",
-        compile=rung >= 5, kernels="triton" if rung >= 6 and setup.triton_ok else "eager",
-        train_subset=setup.train_subset, test_subset=setup.test_subset, data=None,
-        cache=setup.cache).resolved()
+        "channels_last": rung >= 4 and setup.device.type == "cuda",
+        "compile": rung >= 5,
+        "kernels": "triton" if rung >= 6 and setup.triton_ok else "eager",
+        "graphs": rung >= 7, "placement": "resident" if rung == 8 else "stream",
+        "data": None, "cache": setup.cache}).resolved()
 
 
 def triton_status(spec) -> tuple[bool, str]:
@@ -512,36 +331,25 @@ def run_rung(setup: Setup, rung: int) -> dict:
             tr, te = setup.indices()
             paper_loop(setup.spec, setup.arrays(), tr, te, workers, setup.device, total,
                        on_epoch, setup.seed)
-        elif rung in (3, 4, 5, 6):
+        else:
             if rung == 6 and not setup.triton_ok:
                 raise RungSkipped(setup.triton_why)
-            from fastres.train import EpochMetrics, train
+            if rung >= 7 and setup.device.type != "cuda":
+                raise RungSkipped("CUDA graphs need a CUDA GPU")
+            from fastres.train import train
 
-            row["loader"] = "FFCV + DeviceAugment (fastres.train)"
+            row["loader"] = ("device-resident uint8 + DeviceAugment (fastres.train)" if rung == 8
+                             else "FFCV + DeviceAugment (fastres.train)")
+            if rung >= 7 and not setup.triton_ok:
+                row["adds"] += " (on eager kernels: rung 6 unavailable)"
             cfg = train_config(setup, rung, total)
 
-            def fastres_epoch(m: EpochMetrics) -> None:
+            def fastres_epoch(m) -> None:
                 on_epoch({"epoch": m.epoch, "seconds": m.seconds, "train_loss": m.train_loss,
                           "train_acc": m.train_acc, "test_loss": m.test_loss,
                           "test_acc": m.test_acc})
 
             train(cfg, data=setup.betons(), on_epoch=fastres_epoch, log=lambda _m: None)
-        else:
-            if setup.device.type != "cuda":
-                raise RungSkipped("CUDA graphs need a CUDA GPU")
-            cfg = train_config(setup, rung, total)
-            if rung == 7:
-                row["loader"] = "FFCV + DeviceAugment"
-                betons, arrays = setup.betons(), None
-            else:
-                row["loader"] = "device-resident uint8 + DeviceAugment"
-                betons, arrays = None, setup.arrays()
-            tr, te = setup.indices()
-            if not setup.triton_ok:
-                row["adds"] += " (on eager kernels: rung 6 unavailable)"
-            graph_loop(cfg, arrays, betons, total, on_epoch, graphs=True,
-                       device_resident=rung == 8, eval_batch=1000 if rung == 8 else 100,
-                       train_idx=tr, test_idx=te)
     except BudgetSpent:
         pass
     except RungSkipped as e:
@@ -752,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.benchmark = True  # the paper's script family sets it; so do we
     if args.spec or (args.smoke and args.structures is None):
         specs = [("custom" if args.spec else "smoke",
-                  ResNetSpec.parse(args.spec or C.SMOKE_SPEC).validate())]
+                  ResNetSpec.parse(args.spec or SMOKE_SPEC).validate())]
     else:
         specs = [(str(i), STRUCTURES[int(i)]) for i in (args.structures or "1").split(",")]
     rungs = args.rungs or list(RUNGS)

@@ -7,7 +7,8 @@
 Each packing K runs the same slice with `python -m fastres.grid --workers K --runs-per-gpu K`
 (K = 1: the plain in-process loop), in a fresh results folder, side by side in this one command.
 Epochs per hour counts the whole grid command (start-up, data, Ray, compilation included) and,
-separately, the training seconds the runs themselves recorded. Small models leave a big GPU idle;
+separately, the training seconds the runs themselves recorded; start-up seconds per cell is the
+difference over the cells (wall - recorded training) / cells. Small models leave a big GPU idle;
 packing is what fills it.
 """
 
@@ -26,12 +27,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402  (also puts the checkout on sys.path)
     REPO,
-    SMOKE_SPEC,
     default_data,
     environment,
     markdown_table,
     write_outputs,
 )
+
+from fastres.protocol import SMOKE_SPEC  # noqa: E402
 
 
 def run_slice(packing: int, args: argparse.Namespace, results: Path) -> dict:
@@ -64,8 +66,10 @@ def run_slice(packing: int, args: argparse.Namespace, results: Path) -> dict:
             "SELECT COUNT(*), SUM(epochs_done), SUM(train_seconds) FROM runs").fetchone()
     finally:
         conn.close()
+    # What each cell cost beyond its recorded epochs: process start, data, Ray, building,
+    # compiling and capturing (the warm worker pays most of these once, not per cell).
     row.update(runs=runs, epochs=epochs, wall_s=wall, train_s=train_s,
-               epochs_per_hour=3600 * epochs / wall)
+               startup_s_per_cell=(wall - train_s) / runs, epochs_per_hour=3600 * epochs / wall)
     return row
 
 
@@ -117,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         markdown_table(rows, [("packing", "runs per GPU", ""), ("runs", "runs", ""),
                               ("epochs", "epochs", ""), ("wall_s", "wall s", ".1f"),
                               ("train_s", "train s (sum)", ".1f"),
+                              ("startup_s_per_cell", "start-up s per cell", ".1f"),
                               ("epochs_per_hour", "epochs/hour", ".0f"),
                               ("speedup", "vs 1", ".2f"), ("error", "error", "")]), ""])
     print(md)

@@ -61,7 +61,6 @@ def torchvision_batches(images: np.ndarray, labels: np.ndarray, workers: int,
 
 def ffcv_cpu_batches(beton: Path, indices, device: torch.device, dtype: torch.dtype
                      ) -> Callable[[], Iterable]:
-    from fastres.loaders.augment import CIFAR_MEAN, CIFAR_STD
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.rgb_image import SimpleRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
@@ -74,6 +73,8 @@ def ffcv_cpu_batches(beton: Path, indices, device: torch.device, dtype: torch.dt
         ToTensor,
         ToTorchImage,
     )
+
+    from fastres.protocol import CIFAR_MEAN, CIFAR_STD
 
     mean = np.array(CIFAR_MEAN) * 255
     std = np.array(CIFAR_STD) * 255
@@ -105,10 +106,12 @@ def fastres_ffcv_batches(beton: Path, indices, device: torch.device, dtype: torc
 
 def resident_batches(images: np.ndarray, labels: np.ndarray, device: torch.device,
                      dtype: torch.dtype) -> Callable[[], Iterable]:
-    from epoch_time import DeviceResidentLoader
     from fastres.loaders.augment import DeviceAugment
+    from fastres.loaders.resident import ResidentData, ResidentLoader
 
-    loader = DeviceResidentLoader(images, labels, BATCH, True, device, DeviceAugment(dtype=dtype))
+    data = ResidentData(torch.from_numpy(np.ascontiguousarray(images)).to(device),
+                        torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device))
+    loader = ResidentLoader(data, BATCH, True, device, DeviceAugment(dtype=dtype))
     return lambda: iter(loader)
 
 

@@ -8,11 +8,11 @@ runtime_env). Instead:
   submits each cell as a Ray task, which Ray retries at once on another node when its worker or
   node dies (`max_retries`): no lease TTL to wait out.
 - A RunStore actor pinned to the driver's node relays between tasks and driver. A task asks it
-  for the run's last committed checkpoint (bytes and epoch history) when it starts; after each
-  epoch it sends the metrics and checkpoint bytes and waits until the driver has written them
-  (checkpoint file, then epoch row, in one transaction), so an epoch is committed exactly as in
-  local mode. A retry therefore resumes from the last committed epoch, never from a file on the
-  dead node, and a re-committed epoch replaces its rows (ResultsDB.commit_epoch).
+  for the run's last saved state (bytes, and the epoch history up to it) when it starts; after
+  each epoch it sends the metrics, and on the trainer's checkpoint cadence (from its writer
+  thread) the state's bytes, and waits until the driver has written them, exactly as in local
+  mode. A retry therefore resumes from the last saved state, never from a file on the dead
+  node, and a re-recorded epoch replaces its rows (ResultsDB.commit_epoch).
 - The task returns the RunResult (or the error of a failed run); the driver records it.
 """
 
@@ -31,6 +31,8 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from fastres.checkpoints import from_bytes, to_bytes
+from fastres.config import TrainConfig
 from fastres.data import BetonPair
 from fastres.records import EpochMetrics, RunResult
 from fastres.results import (
@@ -39,11 +41,8 @@ from fastres.results import (
     LeaseLost,
     ResultsDB,
     RunCheckpointer,
-    checkpoint_bytes,
     new_owner,
-    state_from_bytes,
 )
-from fastres.train import TrainConfig
 
 # Every task and actor of the grid runs with it: ResultsDB and save_checkpoint refuse there.
 WORKER_RUNTIME_ENV = {"env_vars": {RAY_WORKER_ENV: "1"}}
@@ -72,7 +71,9 @@ class RunStore:
     Async: calls waiting for acknowledgement do not block the others."""
 
     def __init__(self) -> None:
+        # Per run: the last saved state's bytes and every epoch recorded (maybe past that state).
         self.latest: dict[str, tuple[bytes | None, list[EpochMetrics]]] = {}
+        self.saved_epoch: dict[str, int] = {}
         self.attempt: dict[str, int] = {}
         self.outbox: list[tuple] = []
         self.waiting: dict[int, asyncio.Future] = {}
@@ -82,10 +83,12 @@ class RunStore:
     def open(self, run_id: str, blob: bytes | None, history: list[EpochMetrics]) -> None:
         """The driver: the run's checkpoint as the database holds it, before its task starts."""
         self.latest[run_id] = (blob, history)
+        self.saved_epoch[run_id] = len(history)
         self.attempt[run_id] = 0
 
     def close(self, run_id: str) -> None:
         self.latest.pop(run_id, None)
+        self.saved_epoch.pop(run_id, None)
         self.attempt.pop(run_id, None)
 
     async def _recorded(self, event: tuple) -> Any:
@@ -98,22 +101,33 @@ class RunStore:
 
     async def begin(self, run_id: str, where: dict) -> tuple[int, bytes | None,
                                                              list[EpochMetrics]]:
-        """A task (first try or Ray's retry) starts: its attempt number and the run's last
-        committed checkpoint, once the driver has recorded the attempt (and all before it)."""
+        """A task (first try or Ray's retry) starts: its attempt number, the run's last saved
+        state and the history up to it, once the driver has recorded the attempt (and all
+        before it)."""
         attempt = self.attempt[run_id] = self.attempt[run_id] + 1
         await self._recorded(("begin", run_id, attempt, where))
-        return (attempt, *self.latest[run_id])
+        blob, history = self.latest[run_id]
+        return attempt, blob, history[:self.saved_epoch.get(run_id, 0)] if blob else []
 
-    async def commit(self, run_id: str, attempt: int, metrics: EpochMetrics,
-                     blob: bytes) -> None:
-        """Returns once the driver has committed the epoch; raises if it did not."""
+    async def _relay(self, run_id: str, attempt: int, event: tuple) -> None:
         if self.attempt.get(run_id) != attempt:
             raise StoreRefused(f"attempt {attempt} of run {run_id} was superseded")
-        error = await self._recorded(("epoch", run_id, attempt, metrics, blob))
+        error = await self._recorded(event)
         if error:
             raise StoreRefused(error)
-        _, history = self.latest[run_id]
+
+    async def record(self, run_id: str, attempt: int, metrics: EpochMetrics) -> None:
+        """Returns once the driver has recorded the epoch; raises if it did not."""
+        await self._relay(run_id, attempt, ("epoch", run_id, attempt, metrics))
+        blob, history = self.latest[run_id]
         self.latest[run_id] = (blob, [*history[:metrics.epoch - 1], metrics])
+
+    async def save(self, run_id: str, attempt: int, epoch: int, blob: bytes,
+                   best: bytes | None) -> None:
+        """Returns once the driver has written the state; raises if it did not."""
+        await self._relay(run_id, attempt, ("save", run_id, attempt, epoch, blob, best))
+        self.latest[run_id] = (blob, self.latest[run_id][1])
+        self.saved_epoch[run_id] = epoch
 
     async def take(self, timeout: float) -> list[tuple]:
         """The driver: the events so far (waiting up to `timeout` for one)."""
@@ -135,7 +149,7 @@ class RunStore:
 
 
 class RemoteCheckpointer:
-    """train()'s Checkpointer in a Ray task: loads and commits through the RunStore."""
+    """train()'s Checkpointer in a Ray task: loads, records and saves through the RunStore."""
 
     def __init__(self, store: Any, run_id: str, where: dict):
         self.store, self.run_id, self.where = store, run_id, where
@@ -143,11 +157,13 @@ class RemoteCheckpointer:
 
     def load(self) -> tuple[dict, list[EpochMetrics]] | None:
         self.attempt, blob, history = ray.get(self.store.begin.remote(self.run_id, self.where))
-        return None if blob is None else (state_from_bytes(blob), history)
+        return None if blob is None else (from_bytes(blob), history)
 
-    def commit(self, metrics: EpochMetrics, state: dict) -> None:
-        ray.get(self.store.commit.remote(self.run_id, self.attempt, metrics,
-                                         checkpoint_bytes(state)))
+    def record(self, metrics: EpochMetrics) -> None:
+        ray.get(self.store.record.remote(self.run_id, self.attempt, metrics))
+
+    def save(self, epoch: int, state: bytes, best: bytes | None) -> None:
+        ray.get(self.store.save.remote(self.run_id, self.attempt, epoch, state, best))
 
 
 def run_cell(cell: RayCell, store: Any, threads: int) -> tuple[str, RunResult | str]:
@@ -156,15 +172,19 @@ def run_cell(cell: RayCell, store: Any, threads: int) -> tuple[str, RunResult | 
     import torch
 
     from fastres.train import train
+    from fastres.workbench import for_device
 
     torch.set_num_threads(threads)
     where = {"ray_node_id": ray.get_runtime_context().get_node_id(),
              "host": socket.gethostname(), "pid": os.getpid()}
     log = (lambda _m: None) if cell.quiet else (lambda m: print(m, flush=True))
     try:
+        # Ray reuses a worker process for later tasks: its workbench stays warm across cells.
+        device = cell.config.device or ("cuda" if torch.cuda.is_available() else "cpu")
         result = train(cell.config, data=cell.data, on_epoch=None,
                        log=lambda m: None if m.startswith("epoch") else log(m),
-                       checkpoint=RemoteCheckpointer(store, cell.run_id, where))
+                       checkpoint=RemoteCheckpointer(store, cell.run_id, where),
+                       bench=for_device(device))
     except StoreRefused as e:
         return "refused", str(e)
     except ray.exceptions.RayTaskError as e:
@@ -213,7 +233,7 @@ def run_cells(cells: list[RayCell], results: str, progress: Any, workers: int, t
                 if got == "acquired":
                     saved = RunCheckpointer(db, cell.run_id, owner, warn).load()
                     blob, history = (None, []) if saved is None else \
-                        (checkpoint_bytes(saved[0]), saved[1])
+                        (to_bytes(saved[0]), saved[1])
                     ray.get(store.open.remote(cell.run_id, blob, history))
                     inflight[task.remote(cell, store, threads)] = cell
                     continue
@@ -268,10 +288,13 @@ def _record(db: ResultsDB, owner: str, event: tuple, by_id: dict[str, RayCell], 
                 print(f"[grid] {by_id[run_id].label}: retried by Ray (attempt {attempt}) on node "
                       f"{where['ray_node_id'][:12]} ({where['host']}), resuming after epoch "
                       f"{done}", flush=True)
-        else:
-            metrics, blob = rest
-            RunCheckpointer(db, run_id, owner, warn).commit(metrics, blob)
+        elif kind == "epoch":
+            (metrics,) = rest
+            RunCheckpointer(db, run_id, owner, warn).record(metrics)
             progress.epoch(run_id, metrics)
+        else:
+            epoch, blob, best = rest
+            RunCheckpointer(db, run_id, owner, warn).save(epoch, blob, best)
     except LeaseLost as e:
         return key, str(e)
     return key, None

@@ -9,219 +9,44 @@ Results go to `--results DIR` (default ./runs): an SQLite database and checkpoin
 the same command resumes; finished runs are skipped. See fastres/results.py for the guarantees.
 A cell that failed --max-retries + 1 times stays failed (exit 1) until a rerun with
 --retry-failed. Ctrl-C or SIGTERM stops at once and gives the run back (exit 130/143).
+
+This module runs a plan (locally or through Ray); fastres/plan.py makes it: cells, presets,
+run ids and the selection flags.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
-import hashlib
-import json
 import os
 import sqlite3
 import sys
 import time
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from fastres.config import add_run_arguments, compute_settings
 from fastres.data import SYNTHETIC, SYNTHETIC_WARNING, BetonPair, DataError, DataUnavailable
+from fastres.kernel_choice import KernelsUnavailable
 from fastres.live import LiveBoard, local_worker, silence_conversion_bars, use_live
-from fastres.models import KernelsUnavailable
-from fastres.protocol import (
-    CIFAR_SIZES,
-    OPTIMIZER_SETTINGS,
-    PAPER_OPTIMIZERS,
-    SMOKE_SPEC,
-    TEST_BATCH,
-    TRAIN_BATCH,
-    WEIGHT_DECAY,
+from fastres.plan import (
+    PRESETS,
+    Cell,
+    GridError,
+    GridProtocol,
+    effective_subset,
+    epoch_flop,
+    fmt_time,
+    plan_from_args,
+    print_plan,
+    register,
 )
+from fastres.protocol import CIFAR_SIZES, OPTIMIZER_SETTINGS
 from fastres.records import EpochMetrics
-from fastres.structures import STRUCTURES, ResNetSpec, SpecError, describe
-from fastres.train import (
-    Interrupted,
-    TrainConfig,
-    add_run_arguments,
-    stop_on_signals,
-)
+from fastres.signals import Interrupted, stop_on_signals
+from fastres.structures import SpecError
 
 if TYPE_CHECKING:
     from fastres.tensorboard import TensorBoardExport
-
-H200_BF16_FLOPS = 790e12  # measured dense bf16 rate quoted in protocol.md: the speed floor
-
-
-class GridError(ValueError):
-    """A grid that cannot be run as asked; the message names the flag."""
-
-
-@dataclass(frozen=True)
-class Cell:
-    """What varies across the grid."""
-
-    spec: ResNetSpec
-    structure: int | None  # Table 1 number, None for a custom spec
-    optimizer: str
-    augment: bool = True
-    normalize: bool = True
-    tmax: int = 200
-    seed: int = 0
-
-    @property
-    def label(self) -> str:
-        name = f"s{self.structure}" if self.structure else f"[{self.spec}]"
-        return (f"{name} {self.optimizer} aug={'on' if self.augment else 'off'}"
-                f"{'' if self.normalize else ' norm=off'} tmax={self.tmax} seed={self.seed}")
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "spec": self.spec.to_dict()}
-
-
-@dataclass(frozen=True)
-class Protocol:
-    """What every cell shares and results must not be mixed across."""
-
-    epochs: int = 500
-    lr: float | None = None
-    weight_decay: float = WEIGHT_DECAY
-    batch_size: int = TRAIN_BATCH
-    test_batch_size: int = TEST_BATCH
-    train_subset: int | None = None
-    test_subset: int | None = None
-    data: str = ""  # identity of the prepared data (BetonPair.identity)
-    data_kind: str = ""
-
-    @property
-    def id(self) -> str:
-        return _digest(asdict(self))
-
-
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def run_id(cell: Cell, protocol: Protocol) -> str:
-    return _digest({"cell": cell.to_dict(), "protocol": asdict(protocol)})
-
-
-@dataclass
-class Plan:
-    specs: list[tuple[int | None, ResNetSpec]]
-    optimizers: list[str]
-    augment: list[bool]
-    normalize: list[bool] = field(default_factory=lambda: [True])
-    tmax: list[int] = field(default_factory=lambda: [200])
-    seeds: list[int] = field(default_factory=lambda: [0])
-    epochs: int = 500
-    train_subset: int | None = None
-    test_subset: int | None = None
-
-    def cells(self) -> list[Cell]:
-        return [Cell(spec, num, opt, aug, norm, tmax, seed)
-                for num, spec in self.specs for opt in self.optimizers for aug in self.augment
-                for norm in self.normalize for tmax in self.tmax for seed in self.seeds]
-
-
-def _structures(nums: list[int]) -> list[tuple[int | None, ResNetSpec]]:
-    return [(i, STRUCTURES[i]) for i in nums]
-
-
-PRESETS: dict[str, Plan] = {
-    "paper": Plan(_structures(list(range(1, 10))), list(PAPER_OPTIMIZERS), [True, False]),
-    "fig7": Plan(_structures([1]), ["sgd"], [True, False], normalize=[True, False], epochs=200),
-    "fig8": Plan(_structures([1]), ["sgd"], [True], tmax=[0, 100, 200, 300]),
-    "smoke": Plan([(None, ResNetSpec.parse(SMOKE_SPEC))], ["sgd", "adam"], [True, False],
-                  epochs=2, train_subset=1000, test_subset=500),
-}
-
-
-def _split(text: str, flag: str) -> list[str]:
-    items = [t.strip() for t in text.split(",") if t.strip()]
-    if not items:
-        raise GridError(f"{flag} {text!r} selects nothing")
-    return items
-
-
-def _ints(text: str, flag: str, lo: int = 0) -> list[int]:
-    out = []
-    for t in _split(text, flag):
-        try:
-            v = int(t)
-        except ValueError:
-            raise GridError(f"{flag}: {t!r} is not an integer") from None
-        if v < lo:
-            raise GridError(f"{flag}: {v} must be at least {lo}")
-        out.append(v)
-    return out
-
-
-def _on_off(text: str, flag: str) -> list[bool]:
-    table = {"on": True, "off": False}
-    bad = [t for t in _split(text, flag) if t.lower() not in table]
-    if bad:
-        raise GridError(f"{flag}: {bad[0]!r} is not on or off")
-    return [table[t.lower()] for t in _split(text, flag)]
-
-
-def plan_from_args(args: argparse.Namespace) -> Plan:
-    base = PRESETS[args.preset]
-    plan = Plan(**{**base.__dict__})
-    if args.structures is not None or args.spec:
-        plan.specs = []
-        if args.structures is not None:
-            for i in _ints(args.structures, "--structures", lo=1):
-                if i not in STRUCTURES:
-                    raise GridError(f"--structures: unknown structure {i} (Table 1 has 1..9)")
-                plan.specs.append((i, STRUCTURES[i]))
-        for text in args.spec or []:
-            try:
-                plan.specs.append((None, ResNetSpec.parse(text).validate(args.param_budget)))
-            except SpecError as e:
-                raise GridError(f"--spec {text!r}: {e}") from None
-    if args.optimizers is not None:
-        names = _split(args.optimizers, "--optimizers")
-        bad = [n for n in names if n not in OPTIMIZER_SETTINGS]
-        if bad:
-            raise GridError(f"--optimizers: unknown optimizer {bad[0]!r} "
-                            f"(choose from {', '.join(OPTIMIZER_SETTINGS)})")
-        plan.optimizers = names
-    if args.augment is not None:
-        plan.augment = _on_off(args.augment, "--augment")
-    if args.normalize is not None:
-        plan.normalize = _on_off(args.normalize, "--normalize")
-    if args.tmax is not None:
-        plan.tmax = _ints(args.tmax, "--tmax")
-    if args.seeds is not None:
-        plan.seeds = _ints(args.seeds, "--seeds")
-    if args.epochs is not None:
-        if args.epochs < 1:
-            raise GridError(f"--epochs must be at least 1, got {args.epochs}")
-        plan.epochs = args.epochs
-    if args.train_subset is not None:
-        plan.train_subset = args.train_subset
-    if args.test_subset is not None:
-        plan.test_subset = args.test_subset
-    if not plan.cells():
-        raise GridError("the selection is empty: no cells to run")
-    return plan
-
-
-@functools.cache
-def _forward_flop(spec: ResNetSpec) -> float:
-    return describe(spec)["gflop_per_image"] * 1e9  # builds the model once per spec
-
-
-def epoch_flop(spec: ResNetSpec, n_train: int, n_test: int) -> float:
-    """Training (forward + backward, about 3x forward) plus evaluation, for one epoch."""
-    return _forward_flop(spec) * (3 * n_train + n_test)
-
-
-def _fmt_time(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s"
-
 
 class Progress:
     """One display for the whole grid: cells done of total, current cell and epoch, and an ETA
@@ -295,7 +120,7 @@ class Progress:
             return "ETA --"
         left = sum(self.flop[i] * (self.epochs - self.epochs_done[i])
                    for i in self.labels if i not in self.done and i not in self.failed)
-        return f"ETA {_fmt_time(left * self.seconds / self.flop_seen / self.workers)}"
+        return f"ETA {fmt_time(left * self.seconds / self.flop_seen / self.workers)}"
 
     def head(self) -> str:
         return f"[{len(self.done)}/{len(self.labels)} {self.eta()}]"
@@ -346,23 +171,13 @@ class Job:
     """Everything a worker needs to run one cell (picklable, for Ray)."""
 
     cell: Cell
-    protocol: Protocol
+    protocol: GridProtocol
     run_id: str
     results: str
     data: BetonPair
-    compute: dict  # device, precision, channels_last, compile, kernels, loader_workers, cache
+    compute: dict  # config.compute_settings: device, precision, kernels, placement, ...
     max_attempts: int
     quiet: bool
-
-
-def cell_config(cell: Cell, protocol: Protocol, compute: dict) -> TrainConfig:
-    """The run of one cell, as every worker builds it (and the grid checks before any cell)."""
-    p, c = protocol, cell
-    return TrainConfig(spec=c.spec, structure=c.structure, optimizer=c.optimizer,
-                       augment=c.augment, normalize=c.normalize, epochs=p.epochs, tmax=c.tmax,
-                       lr=p.lr, weight_decay=p.weight_decay, seed=c.seed,
-                       batch_size=p.batch_size, test_batch_size=p.test_batch_size,
-                       train_subset=p.train_subset, test_subset=p.test_subset, **compute)
 
 
 RETRY_HINT = "rerun with --retry-failed to try it again"
@@ -393,6 +208,7 @@ def run_job(job: Job, on_epoch=None, threads: int | None = None) -> tuple[str, s
         new_owner,
     )
     from fastres.train import train
+    from fastres.workbench import for_device
 
     if threads:
         torch.set_num_threads(threads)
@@ -404,7 +220,7 @@ def run_job(job: Job, on_epoch=None, threads: int | None = None) -> tuple[str, s
             return got, failed_detail(db.run(job.run_id), job.max_attempts)
         if got != "acquired":
             return got, ""
-        cfg = cell_config(job.cell, job.protocol, job.compute)
+        cfg = job.cell.config(job.protocol, job.compute)
         log = (lambda _m: None) if job.quiet else (lambda m: print(m, flush=True))
 
         def warn(message: str) -> None:  # printed even when quiet
@@ -413,9 +229,12 @@ def run_job(job: Job, on_epoch=None, threads: int | None = None) -> tuple[str, s
         epoch_log = (lambda m: None) if on_epoch is None else (lambda m: on_epoch(job.run_id, m))
         with Heartbeat(db.folder, job.run_id, owner) as beat:
             try:
+                # The process's workbench: data resident and engines warm across its cells.
+                bench = for_device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
                 result = train(cfg, data=job.data, on_epoch=epoch_log,
                                log=lambda m: None if m.startswith("epoch") else log(m),
-                               checkpoint=RunCheckpointer(db, job.run_id, owner, warn))
+                               checkpoint=RunCheckpointer(db, job.run_id, owner, warn),
+                               bench=bench)
             except LeaseLost:
                 return "busy", ""
             except DiskFull:
@@ -435,22 +254,6 @@ def run_job(job: Job, on_epoch=None, threads: int | None = None) -> tuple[str, s
         raise
     finally:
         db.close()
-
-
-def register(db, cell: Cell, protocol: Protocol, data_source: str) -> str:
-    """Add the cell's run to the results database (if new); returns its run id."""
-    rid = run_id(cell, protocol)
-    settings = {**OPTIMIZER_SETTINGS[cell.optimizer][1], "weight_decay": protocol.weight_decay}
-    if protocol.lr is not None:
-        settings["lr"] = protocol.lr
-    db.register(rid, {
-        "label": cell.label, "cell": json.dumps(cell.to_dict()), "protocol_id": protocol.id,
-        "protocol": json.dumps({**asdict(protocol), "data_source": data_source}),
-        "structure": cell.structure, "spec": str(cell.spec), "optimizer": cell.optimizer,
-        "optimizer_settings": json.dumps(settings), "augment": int(cell.augment),
-        "normalize": int(cell.normalize), "tmax": cell.tmax, "epochs": protocol.epochs,
-        "seed": cell.seed})
-    return rid
 
 
 def run_local(jobs: list[Job], progress: Progress, poll: float = 2.0) -> None:
@@ -500,26 +303,12 @@ def run_ray(jobs: list[Job], progress: Progress, workers: int | None, runs_per_g
             workers = max(1, gpus * runs_per_gpu) if gpus else 1
         threads = max(1, min(cpus // workers, cpus))
         print(f"[grid] Ray: {workers} worker(s) over {gpus} GPU(s), {cpus} CPU(s)", flush=True)
-        cells = [RayCell(j.run_id, j.cell.label, cell_config(j.cell, j.protocol, j.compute),
+        cells = [RayCell(j.run_id, j.cell.label, j.cell.config(j.protocol, j.compute),
                          j.data, j.max_attempts, j.quiet) for j in jobs]
         run_cells(cells, jobs[0].results, progress, workers, threads,
                   (1 / runs_per_gpu) if gpus else 0, max_retries, failed_detail)
     finally:
         ray.shutdown()
-
-
-def print_plan(cells: list[Cell], plan: Plan) -> None:
-    n_train = plan.train_subset or CIFAR_SIZES[0]
-    n_test = plan.test_subset or CIFAR_SIZES[1]
-    total = 0.0
-    print(f"{'cell':<60} {'epochs':>6} {'PFLOP':>10}")
-    for c in cells:
-        f = epoch_flop(c.spec, n_train, n_test) * plan.epochs
-        total += f
-        print(f"{c.label:<60} {plan.epochs:>6} {f / 1e15:>10.1f}")
-    print(f"{len(cells)} cells, {len(cells) * plan.epochs} epochs, {total / 1e18:.3f} EFLOP "
-          f"({n_train} train / {n_test} test images per epoch); at {H200_BF16_FLOPS / 1e12:.0f} "
-          f"TFLOP/s the floor is {_fmt_time(total / H200_BF16_FLOPS)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -537,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--lr", type=float, help="override Table 2's rate for every cell")
     ap.add_argument("--results", default="runs", help="results folder (default ./runs)")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    ap.add_argument("--measure", action="store_true", help="with --dry-run: time a few steps "
+                    "of each structure on the device and print how long the grid would take")
     ap.add_argument("--quiet", action="store_true", help="one line per cell, for logs")
     ap.add_argument("--workers", type=int, help="cells at once, through Ray")
     ap.add_argument("--runs-per-gpu", type=int, default=1)
@@ -559,16 +350,6 @@ def check_flags(args: argparse.Namespace) -> None:
         raise GridError(f"--runs-per-gpu must be at least 1, got {args.runs_per_gpu}")
     if args.max_retries < 0:
         raise GridError(f"--max-retries must be 0 or more, got {args.max_retries}")
-
-
-def effective_subset(asked: int | None, available: int, what: str, flag: str) -> int | None:
-    """The subset a run really uses (what results are keyed and reported by): a request above
-    what the data holds is clamped to all of it, with a warning."""
-    if asked is None or asked <= available:
-        return asked
-    print(f"[grid] warning: {flag} {asked} is more than the {available} {what} images of this "
-          f"data; using (and recording) all {available}", file=sys.stderr, flush=True)
-    return available
 
 
 def _subset_flag(args: argparse.Namespace, which: str) -> str:
@@ -601,6 +382,16 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code if isinstance(e, Interrupted) else 130
 
 
+def print_estimate(configs: list, epochs_left: list[int], n_train: int, n_test: int,
+                   workers: int) -> None:
+    """How long the cells will take here, from a few timed steps of each structure."""
+    from fastres.estimate import estimate_lines
+
+    resolved = [c.resolved(log=lambda _m: None) for c in configs]
+    for line in estimate_lines(resolved, epochs_left, n_train, n_test, workers):
+        print(line, flush=True)
+
+
 def _run(args: argparse.Namespace) -> int:
     from fastres.data import prepare
     from fastres.results import DONE, ResultsDB, ResultsError
@@ -610,21 +401,23 @@ def _run(args: argparse.Namespace) -> int:
         cells = plan.cells()
         if args.dry_run:
             print_plan(cells, plan)
+            if args.measure:
+                check_flags(args)
+                protocol = GridProtocol(epochs=plan.epochs, lr=args.lr)
+                print_estimate([c.config(protocol, compute_settings(args)) for c in cells],
+                               [plan.epochs] * len(cells), plan.train_subset or CIFAR_SIZES[0],
+                               plan.test_subset or CIFAR_SIZES[1], args.workers or 1)
             return 0
         check_flags(args)
         db = ResultsDB(args.results)  # fail on a bad folder before spending time on data
-        compute = {"device": args.device, "precision": args.precision,
-                   "channels_last": args.channels_last, "compile": args.compile,
-                   "kernels": args.kernels, "loader_workers": args.loader_workers,
-                   "cache": args.cache, "placement": args.placement, "graphs": args.graphs,
-                   "checkpoint_every": args.checkpoint_every}
+        compute = compute_settings(args)
         # Check the run settings once here, built as each cell builds them, rather than failing
         # every cell (and using up its attempts) with them: a NaN --lr, say, would reach the
         # epochs table as NULL (SQLite has no NaN) and fail each cell there.
-        asked = Protocol(epochs=plan.epochs, lr=args.lr, train_subset=plan.train_subset,
-                         test_subset=plan.test_subset)
+        asked = GridProtocol(epochs=plan.epochs, lr=args.lr, train_subset=plan.train_subset,
+                             test_subset=plan.test_subset)
         try:
-            resolved = cell_config(cells[0], asked, compute).resolved(log=lambda _m: None)
+            resolved = cells[0].config(asked, compute).resolved(log=lambda _m: None)
         except ValueError as e:
             raise GridError(str(e)) from None
         if resolved.kernels == "triton":
@@ -641,8 +434,8 @@ def _run(args: argparse.Namespace) -> int:
                                         _subset_flag(args, "train"))
         test_subset = effective_subset(plan.test_subset, data.num_test, "test",
                                        _subset_flag(args, "test"))
-        protocol = Protocol(epochs=plan.epochs, lr=args.lr, train_subset=train_subset,
-                            test_subset=test_subset, data=data.identity, data_kind=data.kind)
+        protocol = GridProtocol(epochs=plan.epochs, lr=args.lr, train_subset=train_subset,
+                                test_subset=test_subset, data=data.identity, data_kind=data.kind)
         n_train, n_test = train_subset or data.num_train, test_subset or data.num_test
         max_attempts = args.max_retries + 1
         jobs, flop, epochs_done, done = [], {}, {}, set()
@@ -670,6 +463,10 @@ def _run(args: argparse.Namespace) -> int:
                             worker="ray" if use_ray else local_worker())
         print(f"[grid] {len(cells)} cells ({len(done)} already finished), {plan.epochs} epochs "
               f"each, results in {db.folder}", flush=True)
+        todo = [j for j in jobs if j.run_id not in done]
+        print_estimate([j.cell.config(j.protocol, j.compute) for j in todo],
+                       [plan.epochs - epochs_done[j.run_id] for j in todo], n_train, n_test,
+                       workers or 1)
         with progress:
             if use_ray:
                 run_ray(jobs, progress, workers, args.runs_per_gpu, args.ray, args.max_retries)

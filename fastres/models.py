@@ -13,13 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastres.structures import STRUCTURES, ResNetSpec
-
-KERNELS = ("eager", "triton")
-
-
-class KernelsUnavailable(RuntimeError):
-    """kernels="triton" asked for where Triton cannot run; the message says what to do."""
+from fastres.kernel_choice import KERNELS
+from fastres.structures import NUM_CLASSES, STRUCTURES, ResNetSpec, param_count
 
 
 def strictly(t: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
@@ -71,7 +66,7 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    def __init__(self, spec: ResNetSpec, num_classes: int = 10):
+    def __init__(self, spec: ResNetSpec, num_classes: int = NUM_CLASSES):
         super().__init__()
         self.spec = spec
         self.conv1 = Conv2d(3, spec.C_in, spec.F0, stride=1, padding=spec.P0, bias=False)
@@ -98,8 +93,8 @@ class ResNet(nn.Module):
 def build(spec: ResNetSpec, kernels: str = "eager",
           device: torch.device | str | None = None) -> ResNet:
     """The model for `spec`. kernels="eager" is the PyTorch reference path; "triton" runs the
-    same modules on fastres.kernels (KernelsUnavailable, a RuntimeError, where Triton cannot run
-    on `device`, by default the best device there is)."""
+    same modules on fastres.kernels (fastres.kernel_choice.KernelsUnavailable, a RuntimeError,
+    where Triton cannot run on `device`, by default the best device there is)."""
     if kernels not in KERNELS:
         raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
     if kernels == "triton":
@@ -183,7 +178,7 @@ def from_seed_checkpoint(path: str | os.PathLike, spec: ResNetSpec) -> ResNet:
         show("mis-shaped keys", misshaped)
         n = sum(v.numel() for k, v in state.items()
                 if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
-        match = [i for i, s in STRUCTURES.items() if _param_count_cached(i) == n]
+        match = [i for i, s in STRUCTURES.items() if param_count(s) == n]
         if match:
             lines.append(f"  its {n:,} parameters match Table 1 structure {match[0]} "
                          f"({STRUCTURES[match[0]]}): did you mean --structure {match[0]}?")
@@ -191,13 +186,3 @@ def from_seed_checkpoint(path: str | os.PathLike, spec: ResNetSpec) -> ResNet:
     model.load_state_dict(state, strict=False)
     return model
 
-
-_PARAMS: dict[int, int] = {}
-
-
-def _param_count_cached(i: int) -> int:
-    from fastres.structures import param_count
-
-    if i not in _PARAMS:
-        _PARAMS[i] = param_count(STRUCTURES[i])
-    return _PARAMS[i]

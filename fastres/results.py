@@ -11,8 +11,6 @@ the driver opens this folder (fastres/cluster.py): a Ray worker that tries gets 
 from __future__ import annotations
 
 import errno
-import hashlib
-import io
 import json
 import os
 import socket
@@ -25,11 +23,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import torch
-
 from fastres.records import EpochMetrics, RunResult
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Schema 1 lacked best_sha (best.pt arrived with schema 2): opened for writing, it gains it.
+MIGRATIONS = {"1": ["ALTER TABLE runs ADD COLUMN best_sha TEXT"]}
 DB_NAME = "results.sqlite"
 LEASE_TTL = 120.0  # seconds without a heartbeat before another process may take a run over
 DONE = ("completed", "diverged")
@@ -57,7 +55,8 @@ CREATE TABLE IF NOT EXISTS runs (
     status TEXT NOT NULL DEFAULT 'pending',
     epochs_done INTEGER NOT NULL DEFAULT 0,
     best_acc REAL, best_epoch INTEGER, loss_at_best REAL, diverged_at INTEGER,
-    checkpoint TEXT, checkpoint_sha TEXT,
+    checkpoint TEXT, checkpoint_sha TEXT,  -- the last saved state (epoch-NNNN.pt)
+    best_sha TEXT,                         -- best.pt beside it: the best epoch's weights
     lease_owner TEXT, lease_expires REAL,
     attempts INTEGER NOT NULL DEFAULT 0,
     train_seconds REAL NOT NULL DEFAULT 0,
@@ -127,66 +126,6 @@ def _owner_is_dead(owner: str) -> bool:
     except PermissionError:
         return False
     return False
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def checkpoint_bytes(state: dict) -> bytes:
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    return buf.getvalue()
-
-
-def state_from_bytes(blob: bytes) -> dict:
-    return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-
-
-def save_checkpoint(path: Path, state: dict | bytes) -> str:
-    """Write a state (or its checkpoint_bytes) atomically and durably; return the file's sha256.
-    A failed write is an OSError (errno ENOSPC when the disk is full), never a half-written file.
-    """
-    refuse_in_ray_worker(path.parent)
-    # Serialised in memory first: torch.save straight into a file turns the OSError of a full
-    # disk into an opaque RuntimeError ("[enforce fail at inline_container.cc] unexpected pos").
-    buf = memoryview(state if isinstance(state, bytes) else checkpoint_bytes(state))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(buf)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return hashlib.sha256(buf).hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def load_checkpoint(path: Path, sha: str | None) -> dict:
-    """The state in `path`, after checking it is the file the database recorded."""
-    if not path.is_file():
-        raise ResultsError(f"checkpoint {path} is missing")
-    if sha is not None and _sha256(path) != sha:
-        raise ResultsError(f"checkpoint {path} does not match its recorded sha256")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling errors come in many types
-        raise ResultsError(f"checkpoint {path} cannot be read: {e}") from None
 
 
 class ResultsDB:
@@ -289,7 +228,16 @@ class ResultsDB:
         meta = dict(self.conn.execute("SELECT key, value FROM meta").fetchall())
         if meta.get("app") != "fastres":
             raise ResultsError(f"{self.path} belongs to {meta.get('app')!r}, not fastres")
-        if meta.get("schema") != str(SCHEMA_VERSION):
+        if meta.get("schema") in MIGRATIONS and not self.readonly:
+            with self.transaction(immediate=True):
+                if dict(self.conn.execute("SELECT key, value FROM meta").fetchall()).get(
+                        "schema") in MIGRATIONS:  # not migrated by another process meanwhile
+                    for statement in MIGRATIONS[meta["schema"]]:
+                        self.conn.execute(statement)
+                    self.conn.execute("UPDATE meta SET value = ? WHERE key = 'schema'",
+                                      (str(SCHEMA_VERSION),))
+            return
+        if meta.get("schema") not in (str(SCHEMA_VERSION), *(MIGRATIONS if self.readonly else ())):
             raise ResultsError(f"{self.path} has fastres schema {meta.get('schema')}, this "
                                f"version reads schema {SCHEMA_VERSION}")
 
@@ -360,10 +308,12 @@ class ResultsDB:
         if r is None or r[0] != owner:
             raise LeaseLost(f"run {run_id} is now leased by {r[0] if r else 'nobody'}")
 
-    def commit_epoch(self, run_id: str, owner: str, m: EpochMetrics, checkpoint: Path,
-                     sha: str, ttl: float = LEASE_TTL) -> None:
-        """Idempotent per (run, epoch): a run resumed from an earlier checkpoint (a Ray retry)
-        replaces the rows from this epoch on, so no epoch is ever recorded twice."""
+    def commit_epoch(self, run_id: str, owner: str, m: EpochMetrics,
+                     checkpoint: Path | None = None, sha: str | None = None,
+                     ttl: float = LEASE_TTL) -> None:
+        """Record one epoch's metrics (and, if given, make `checkpoint` the run's state).
+        Idempotent per (run, epoch): a run resumed from an earlier checkpoint replaces the rows
+        from this epoch on, so no epoch is ever recorded twice."""
         now = time.time()
         with self.transaction(immediate=True):
             self._check_owner(run_id, owner)
@@ -373,11 +323,38 @@ class ResultsDB:
                               (run_id, m.epoch, m.lr, m.train_loss, m.train_acc, m.test_loss,
                                m.test_acc, m.seconds, now))
             self.conn.execute(
-                "UPDATE runs SET epochs_done = ?, checkpoint = ?, checkpoint_sha = ?, "
+                "UPDATE runs SET epochs_done = ?, "
                 "train_seconds = (SELECT SUM(seconds) FROM epochs WHERE run_id = ?), "
                 "lease_expires = ?, updated_at = ? WHERE run_id = ?",
-                (m.epoch, str(checkpoint.relative_to(self.folder)), sha, run_id, now + ttl,
-                 now, run_id))
+                (m.epoch, run_id, now + ttl, now, run_id))
+            if checkpoint is not None:
+                self._point(run_id, checkpoint, sha, None)
+
+    def set_checkpoint(self, run_id: str, owner: str, checkpoint: Path, sha: str,
+                       best_sha: str | None) -> None:
+        """Make `checkpoint` (and best.pt, when best_sha is given) the run's saved state."""
+        with self.transaction(immediate=True):
+            self._check_owner(run_id, owner)
+            self._point(run_id, checkpoint, sha, best_sha)
+
+    def _point(self, run_id: str, checkpoint: Path, sha: str | None,
+               best_sha: str | None) -> None:
+        self.conn.execute(
+            "UPDATE runs SET checkpoint = ?, checkpoint_sha = ?, "
+            "best_sha = COALESCE(?, best_sha), updated_at = ? WHERE run_id = ?",
+            (str(checkpoint.relative_to(self.folder)), sha, best_sha, time.time(), run_id))
+
+    def truncate(self, run_id: str, owner: str, epochs: int) -> None:
+        """Forget the epoch rows after `epochs` (recorded after the last saved state): the
+        resumed run computes them again."""
+        with self.transaction(immediate=True):
+            self._check_owner(run_id, owner)
+            self.conn.execute("DELETE FROM epochs WHERE run_id = ? AND epoch > ?",
+                              (run_id, epochs))
+            self.conn.execute(
+                "UPDATE runs SET epochs_done = ?, train_seconds = COALESCE((SELECT SUM(seconds) "
+                "FROM epochs WHERE run_id = ?), 0), updated_at = ? WHERE run_id = ?",
+                (epochs, run_id, time.time(), run_id))
 
     def note_attempt(self, run_id: str, owner: str, where: dict, retry: bool) -> None:
         """Record where the run's current attempt runs (its Ray node, host and pid, kept in
@@ -429,7 +406,8 @@ class ResultsDB:
             self._check_owner(run_id, owner)
             self.conn.execute("DELETE FROM epochs WHERE run_id = ?", (run_id,))
             self.conn.execute("UPDATE runs SET epochs_done = 0, checkpoint = NULL, "
-                              "checkpoint_sha = NULL, train_seconds = 0 WHERE run_id = ?",
+                              "checkpoint_sha = NULL, best_sha = NULL, train_seconds = 0 "
+                              "WHERE run_id = ?",
                               (run_id,))
 
 
@@ -458,53 +436,81 @@ class _Transaction:
 
 
 class RunCheckpointer:
-    """train()'s Checkpointer for one leased run of a ResultsDB."""
+    """The trainer's Checkpointer (fastres.records) for one leased run of a ResultsDB: metrics
+    rows through this connection, saved states through a connection of the writer thread's
+    own (an SQLite connection belongs to its thread)."""
 
     def __init__(self, db: ResultsDB, run_id: str, owner: str, log=print):
         self.db, self.run_id, self.owner, self.log = db, run_id, owner, log
         self.folder = db.folder / "checkpoints" / run_id
+        # Per thread, dropped (and its connection closed) with this object or its thread.
+        self._local = threading.local()
+
+    def _restart(self, label: str, why: str) -> None:
+        msg = f"run {label}: {why}; restarting it from epoch 1"
+        warnings.warn(msg, stacklevel=3)
+        self.log(f"[grid] warning: {msg}")
+        self.db.reset(self.run_id, self.owner)
+        for old in self.folder.glob("*.pt"):  # none is usable any more
+            old.unlink(missing_ok=True)
 
     def load(self) -> tuple[dict, list[EpochMetrics]] | None:
+        from fastres.checkpoints import load_checkpoint  # torch: not for readers of results
+
         r = self.db.run(self.run_id)
-        if r is None or r["epochs_done"] == 0:
+        if r is None or (r["epochs_done"] == 0 and r["checkpoint"] is None):
             return None
         history = self.db.epochs(self.run_id)
-        n = r["epochs_done"]
+        if r["checkpoint"] is None:  # metrics recorded, but killed before the first save
+            self._restart(r["label"], f"no state was saved yet ({len(history)} epoch(s) "
+                          "recorded before the first checkpoint)")
+            return None
         try:
             state = load_checkpoint(self.db.folder / r["checkpoint"], r["checkpoint_sha"])
+            k = state.get("epoch")
             # Exactly epochs 1..n: a count alone misses a gap, which would fail every rerun.
             recorded = [m.epoch for m in history]
-            if recorded != list(range(1, n + 1)):
+            if recorded != list(range(1, len(recorded) + 1)):
                 raise ResultsError(f"its epoch rows in the database are "
-                                   f"{_epoch_list(recorded)}, not 1..{n}")
-            if state.get("epoch") != n:
-                raise ResultsError(f"its checkpoint is of epoch {state.get('epoch')}, while the "
-                                   f"database records epochs 1..{n}")
+                                   f"{_epoch_list(recorded)}, not 1..{len(recorded)}")
+            if not isinstance(k, int) or not 1 <= k <= len(recorded):
+                raise ResultsError(f"its checkpoint is of epoch {k}, while the database "
+                                   f"records epochs 1..{len(recorded)}")
         except ResultsError as e:
-            msg = f"run {r['label']}: {e}; restarting it from epoch 1"
-            warnings.warn(msg, stacklevel=2)
-            self.log(f"[grid] warning: {msg}")
-            self.db.reset(self.run_id, self.owner)
-            for old in self.folder.glob("epoch-*.pt"):  # none is usable any more
-                old.unlink(missing_ok=True)
+            self._restart(r["label"], str(e))
             return None
+        if len(history) > k:  # recorded after the last saved state: computed again
+            self.db.truncate(self.run_id, self.owner, k)
+            history = history[:k]
+        for old in self.folder.glob("epoch-*.pt"):  # strays of a write that was never committed
+            if old != self.db.folder / r["checkpoint"]:
+                old.unlink(missing_ok=True)
         return state, history
 
-    def commit(self, metrics: EpochMetrics, state: dict | bytes) -> None:
-        """Write the checkpoint (a state, or its checkpoint_bytes from a Ray worker), then
-        commit its epoch."""
-        path = self.folder / f"epoch-{metrics.epoch:04d}.pt"
+    def record(self, metrics: EpochMetrics) -> None:
+        self.db.commit_epoch(self.run_id, self.owner, metrics)
+
+    def save(self, epoch: int, state: bytes, best: bytes | None) -> None:
+        """Write the state (and best.pt), then point the run at it; from the writer thread."""
+        from fastres.checkpoints import save_checkpoint
+
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = self._local.db = ResultsDB(self.db.folder)
+        path = self.folder / f"epoch-{epoch:04d}.pt"
         try:
             sha = save_checkpoint(path, state)
+            best_sha = save_checkpoint(self.folder / "best.pt", best) if best else None
         except OSError as e:
+            path.unlink(missing_ok=True)
             if e.errno in FULL_ERRNOS:
-                label = (self.db.run(self.run_id) or {}).get("label", self.run_id)
+                label = (db.run(self.run_id) or {}).get("label", self.run_id)
                 raise DiskFull(f"no space left writing the checkpoint of {label} (run "
                                f"{self.run_id}) in {self.folder}: {e.strerror or e}; free some "
                                "space, then rerun to resume") from None
             raise
         try:
-            self.db.commit_epoch(self.run_id, self.owner, metrics, path, sha)
+            db.set_checkpoint(self.run_id, self.owner, path, sha, best_sha)
         except LeaseLost:
             raise  # the file at this path may now be the new owner's
         except BaseException:

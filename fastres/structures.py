@@ -1,7 +1,8 @@
 """ResNet structure specs: the nine of the paper's Table 1, and the user's own.
 
 `python -m fastres.structures` prints each built-in structure with its parameter count and
-forward GFLOP per image, both measured on the built model.
+forward GFLOP per image. Both are counted from the spec, layer by layer, with no torch: planning
+and spec checks run without the model (tests/test_models.py checks both against the built model).
 """
 
 from __future__ import annotations
@@ -10,11 +11,13 @@ import argparse
 import dataclasses
 import json
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 PARAM_BUDGET = 5_000_000
 IMAGE_SIZE = 32
 FIELDS = ("N", "B", "C_in", "F0", "P0", "F1", "P1", "K")
+NUM_CLASSES = 10  # CIFAR-10
 
 
 class SpecError(ValueError):
@@ -134,15 +137,37 @@ def feature_map_sizes(spec: ResNetSpec, image: int = IMAGE_SIZE) -> list[int]:
     return sizes
 
 
+def _convs(spec: ResNetSpec, image: int = IMAGE_SIZE) -> Iterator[tuple[int, int, int, int]]:
+    """(in channels, out channels, kernel, output size) of each convolution of the model, in
+    fastres.models.ResNet's order; each is followed by a BatchNorm of its output channels."""
+    h = _conv_out(image, spec.F0, spec.P0, 1)
+    yield 3, spec.C_in, spec.F0, h
+    in_ch = spec.C_in
+    for i, (ch, blocks) in enumerate(zip(spec.layer_channels(), spec.B, strict=True)):
+        for j in range(blocks):
+            stride = 2 if (i > 0 and j == 0) else 1
+            h1 = _conv_out(h, spec.F1, spec.P1, stride)
+            h2 = _conv_out(h1, spec.F1, spec.P1, 1)
+            yield in_ch, ch, spec.F1, h1
+            yield ch, ch, spec.F1, h2
+            if stride != 1 or in_ch != ch:  # projection shortcut
+                yield in_ch, ch, spec.K, _conv_out(h, spec.K, 0, stride)
+            h, in_ch = h2, ch
+
+
 def param_count(spec: ResNetSpec) -> int:
-    """Trainable parameters of the built model (counted on the meta device: no memory used)."""
-    import torch
+    """Trainable parameters of the built model: conv weights (no bias), BN weight and bias, and
+    the linear head."""
+    convs = sum(i * o * k * k + 2 * o for i, o, k, _h in _convs(spec))
+    last = spec.layer_channels()[-1]
+    return convs + last * NUM_CLASSES + NUM_CLASSES
 
-    from fastres.models import ResNet
 
-    with torch.device("meta"):
-        model = ResNet(spec)
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+def forward_flop(spec: ResNetSpec) -> int:
+    """FLOP of one forward pass for one image: 2 per multiply-add of the convolutions and the
+    linear head (what fastres.models.forward_flops counts on the built model)."""
+    convs = sum(2 * o * h * h * i * k * k for i, o, k, h in _convs(spec))
+    return convs + 2 * spec.layer_channels()[-1] * NUM_CLASSES
 
 
 STRUCTURES: dict[int, ResNetSpec] = {
@@ -172,14 +197,11 @@ def resolve(structure: int | None, spec: str | None, budget: int = PARAM_BUDGET)
 
 
 def describe(spec: ResNetSpec) -> dict:
-    """Parameters and forward GFLOP per image, measured on the built model."""
-    from fastres.models import build, forward_flops
-
-    model = build(spec)
+    """Parameters and forward GFLOP per image of a valid spec."""
     return {
         "spec": spec.to_dict(),
-        "params": sum(p.numel() for p in model.parameters()),
-        "gflop_per_image": forward_flops(model) / 1e9,
+        "params": param_count(spec),
+        "gflop_per_image": forward_flop(spec) / 1e9,
         "feature_maps": feature_map_sizes(spec),
     }
 

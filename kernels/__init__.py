@@ -8,5 +8,6 @@ kernels, a plain launcher and the torch.library registration (fake + autograd) s
 - _common: where Triton can run, triton_op vs custom_op registration, poisoned allocation.
 
 Importing a kernel module fixes interpreter mode: set TRITON_INTERPRET=1 before it to run the
-kernels on the CPU.
+kernels on the CPU. The choice between these kernels and eager PyTorch, and the error where
+Triton cannot run, are fastres.kernel_choice's.
 """

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastres.models import KernelsUnavailable
+from fastres.kernel_choice import KernelsUnavailable
 
 # triton.jit reads TRITON_INTERPRET when a kernel is decorated, so this is fixed at import.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -19,6 +19,8 @@ import triton
 import triton.language as tl
 from fastres.kernels._common import cast, check_device, define_op, empty, launch, next_pow2
 
+from fastres.protocol import CIFAR_MEAN, CIFAR_STD, PAD
+
 
 @triton.jit
 def _augment_kernel(src_ptr, idx_ptr, dy_ptr, dx_ptr, flip_ptr, mean_ptr, std_ptr, out_ptr,
@@ -93,8 +95,7 @@ def _constants(mean: tuple[float, ...], std: tuple[float, ...], device: torch.de
 
 def augment(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor,
             dtype: torch.dtype = torch.float32, normalize: bool = True,
-            mean: Sequence[float] = (0.4914, 0.4822, 0.4465),
-            std: Sequence[float] = (0.2023, 0.1994, 0.2010), pad: int = 4,
+            mean: Sequence[float] = CIFAR_MEAN, std: Sequence[float] = CIFAR_STD, pad: int = PAD,
             index: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 (N, H, W, C) -> dtype (B, C, H, W), channels-last. Image i of the output is
     images[index[i]] (or images[i] without `index`), cropped at offset (dy[i], dx[i]) of the

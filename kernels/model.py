@@ -12,10 +12,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from fastres.kernels._common import KernelsUnavailable, triton_available, unavailable_reason
+from fastres.kernels._common import triton_available, unavailable_reason
 from fastres.kernels.batchnorm import batch_norm_act
 from fastres.kernels.conv import backward_format, conv2d
 
+from fastres.kernel_choice import KernelsUnavailable
 from fastres.models import BasicBlock, ResNet, strictly
 from fastres.structures import ResNetSpec
 

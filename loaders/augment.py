@@ -12,9 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2023, 0.1994, 0.2010)
-PAD = 4
+from fastres.protocol import CIFAR_MEAN, CIFAR_STD, PAD
+
 BACKENDS = ("auto", "torch", "triton")
 
 

@@ -108,26 +108,30 @@ def test_subset_above_the_data_is_clamped_warned_and_recorded(tiny_betons, tmp_p
 
 # ---------------------------------------------------------------- 11: epoch rows not 1..n
 
-def _fail_after_epoch_two(monkeypatch) -> None:
-    commit = RunCheckpointer.commit
+def _fail_at_epoch_three(monkeypatch) -> None:
+    record = RunCheckpointer.record
 
-    def commit_then_stop(self, metrics, state):
-        commit(self, metrics, state)
-        if metrics.epoch == 2:
-            raise RuntimeError("stopped after epoch 2")
+    def stop_before_three(self, metrics):
+        if metrics.epoch == 3:
+            raise RuntimeError("stopped before recording epoch 3")
+        record(self, metrics)
 
-    monkeypatch.setattr(RunCheckpointer, "commit", commit_then_stop)
+    monkeypatch.setattr(RunCheckpointer, "record", stop_before_three)
 
 
-@pytest.mark.parametrize("edit, rows", [
-    ("UPDATE epochs SET epoch = 3 WHERE epoch = 2", "1, 3"),
-    ("DELETE FROM epochs WHERE epoch = 2", "1"),
+@pytest.mark.parametrize("edit, why", [
+    ("UPDATE epochs SET epoch = 3 WHERE epoch = 2",
+     "its epoch rows in the database are 1, 3, not 1..2"),
+    ("DELETE FROM epochs WHERE epoch = 2",
+     "its checkpoint is of epoch 2, while the database records epochs 1..1"),
 ], ids=["gap", "deleted-row"])
-def test_epoch_rows_other_than_1_to_n_restart_the_run(edit, rows, tiny_betons, tmp_path,
+def test_epoch_rows_other_than_1_to_n_restart_the_run(edit, why, tiny_betons, tmp_path,
                                                       monkeypatch, capsys):
     results = tmp_path / "r"
-    base = args(tiny_betons, results, "--augment", "on", "--epochs", "3")
-    _fail_after_epoch_two(monkeypatch)
+    # Every epoch's state saved: the run fails with rows 1..2 and the state of epoch 2.
+    base = args(tiny_betons, results, "--augment", "on", "--epochs", "3",
+                "--checkpoint-every", "0")
+    _fail_at_epoch_three(monkeypatch)
     assert main(base) == 1
     monkeypatch.undo()
     assert [r[1:4] for r in runs(results)] == [("failed", 1, 2)]
@@ -140,12 +144,13 @@ def test_epoch_rows_other_than_1_to_n_restart_the_run(edit, rows, tiny_betons, t
     with pytest.warns(UserWarning, match="restarting it from epoch 1"):
         assert main(base) == 0
     err = capsys.readouterr().err
-    assert f"its epoch rows in the database are {rows}, not 1..2; restarting it" in err
+    assert f"{why}; restarting it" in err
     assert "UNIQUE" not in err
     assert [r[1:4] for r in runs(results)] == [("completed", 2, 3)]
     assert epochs(results) == [1, 2, 3]
     (rid, ckpt), = table(results, "SELECT run_id, checkpoint FROM runs")
-    assert [p.name for p in (results / "checkpoints" / rid).iterdir()] == [Path(ckpt).name]
+    assert sorted(p.name for p in (results / "checkpoints" / rid).iterdir()) == \
+        ["best.pt", Path(ckpt).name]
 
 
 # ---------------------------------------------------------------- 12: SIGINT and SIGTERM
@@ -200,13 +205,15 @@ def test_disk_full_while_checkpointing_stops_the_grid(tiny_betons, tmp_path, mon
     err = capsys.readouterr().err
     assert "no space left writing the checkpoint of" in err and str(results) in err
     assert "Traceback" not in err and "inline_container" not in err
-    # The grid stopped at the first cell; no cell used up an attempt or was marked failed.
-    assert sorted(r[1:] for r in runs(results)) == [("interrupted", 0, 0, None),
+    # The grid stopped at the first cell (its epoch recorded, its state not saved); no cell used
+    # up an attempt or was marked failed.
+    assert sorted(r[1:] for r in runs(results)) == [("interrupted", 0, 2, None),
                                                     ("pending", 0, 0, None)]
     assert not [p for p in (results / "checkpoints").rglob("*") if p.is_file()]
 
     monkeypatch.undo()  # space freed
-    assert main(base) == 0
+    with pytest.warns(UserWarning, match="no state was saved yet"):
+        assert main(base) == 0
     assert [r[1:4] for r in runs(results)] == [("completed", 1, 2)] * 2
 
 

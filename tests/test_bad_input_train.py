@@ -15,16 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
+from fastres.config import CPU_CHANNELS_LAST, TrainConfig
 from fastres.data import CIFAR10_CLASSES
+from fastres.signals import Interrupted, stop_on_signals
 from fastres.structures import ResNetSpec
-from fastres.train import (
-    CPU_CHANNELS_LAST,
-    Interrupted,
-    TrainConfig,
-    main,
-    make_loaders,
-    stop_on_signals,
-)
+from fastres.train import main, make_loaders
 
 from .conftest import random_images
 
@@ -162,8 +157,11 @@ def test_cli_says_channels_last_is_off_and_records_it(tiny_betons, tmp_path, cap
 def test_cpu_batches_are_contiguous_nchw(tiny_betons):
     """A channels-last batch would send oneDNN down its channels-last path despite the model."""
     cfg = TrainConfig(spec=TINY, device="cpu", channels_last=True).resolved(log=lambda _m: None)
-    for loader in make_loaders(cfg, tiny_betons):
-        for images, _ in loader:
+    for placement in ("stream", "resident"):
+        cfg.placement = placement
+        *loaders, used = make_loaders(cfg, tiny_betons)
+        assert used == placement
+        for images, _ in (batch for loader in loaders for batch in loader):
             assert images.is_contiguous()
             assert not images.is_contiguous(memory_format=torch.channels_last)
 

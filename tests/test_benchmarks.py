@@ -6,7 +6,6 @@ has finite positive figures, a row that could not run says why.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import math
@@ -19,7 +18,7 @@ import pytest
 import torch
 
 from fastres.data import write_beton
-from fastres.structures import STRUCTURES, ResNetSpec, param_count
+from fastres.structures import STRUCTURES, param_count
 
 from .conftest import random_images
 
@@ -100,45 +99,6 @@ def test_epoch_time_isolated_rung_and_to_best(small_data, tmp_path):
     b = json.loads(best.read_text())["to_best"]
     assert b["status"] == "ok" and b["epochs_run"] == 2 and 1 <= b["best_epoch"] <= 2
     assert 0 <= b["best_test_acc"] <= 1 and b["wall_s"] >= b["train_s"] > 0
-
-
-def test_graph_loop_eager_path_on_cpu(small_data):
-    """Rungs 7-8's loop with graphs off: the same step bodies the GPU captures."""
-    data, cache = small_data
-    spec = ResNetSpec.parse(epoch_time.C.SMOKE_SPEC)
-    setup = epoch_time.Setup("smoke", spec, torch.device("cpu"), str(data), str(cache), None,
-                             None, 0, 2, None)
-    # Compilation off: on the CPU it costs half a minute and is rung 5's business, not this loop's.
-    cfg = dataclasses.replace(epoch_time.train_config(setup, 8, 2), compile=False)
-    seen: list[dict] = []
-    epoch_time.graph_loop(cfg, setup.arrays(), None, 2, seen.append, graphs=False,
-                          device_resident=True, eval_batch=64)
-    assert [m["epoch"] for m in seen] == [1, 2]
-    for m in seen:
-        assert math.isfinite(m["train_loss"]) and math.isfinite(m["test_loss"])
-        assert 0 <= m["train_acc"] <= 1 and 0 <= m["test_acc"] <= 1
-
-
-def test_device_resident_loader_semantics():
-    from fastres.loaders.augment import DeviceAugment
-
-    images = random_images(300)
-    raw = DeviceAugment(crop=False, flip=False, normalize=False)
-    table = {img.tobytes(): i for i, img in enumerate(images)}
-    loader = epoch_time.DeviceResidentLoader(images, np.arange(300) % 10, 128, True,
-                                             torch.device("cpu"), raw, seed=5)
-    orders = []
-    for _ in range(2):
-        sizes, ids = [], []
-        for x, y in loader:
-            sizes.append(len(x))
-            u8 = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
-            batch_ids = [table[img.tobytes()] for img in u8]
-            assert (y.numpy() == np.array(batch_ids) % 10).all()  # labels follow their images
-            ids += batch_ids
-        assert sizes == [128, 128, 44] and sorted(ids) == list(range(300))
-        orders.append(ids)
-    assert orders[0] != orders[1]  # reshuffled every epoch
 
 
 def test_paper_model_matches_table1():

@@ -212,7 +212,7 @@ def test_dry_run_of_the_paper_grid(capsys):
 
 
 def test_presets_plan(capsys):
-    from fastres.grid import PRESETS
+    from fastres.plan import PRESETS
 
     assert len(PRESETS["paper"].cells()) == 90
     fig7 = PRESETS["fig7"].cells()

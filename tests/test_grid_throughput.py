@@ -23,6 +23,8 @@ def test_grid_throughput_smoke(tmp_path):
     for r in data["rows"]:
         assert r["runs"] == 2 and r["epochs"] == 4 and r["epochs_per_hour"] > 0
         assert r["wall_s"] > 0 and r["train_s"] > 0
+        assert r["startup_s_per_cell"] == pytest.approx((r["wall_s"] - r["train_s"]) / 2)
     assert data["rows"][0]["speedup"] == 1.0
     md = out_md.read_text()
-    assert "| runs per GPU | runs | epochs |" in md and md.count("\n| ") >= 3
+    assert "| runs per GPU | runs | epochs |" in md and "start-up s per cell" in md
+    assert md.count("\n| ") >= 3

@@ -9,8 +9,9 @@ import sys
 import pytest
 from rich.console import Console
 
-from fastres.grid import Cell, Progress, main
+from fastres.grid import Progress, main
 from fastres.live import LiveBoard, render_text, use_live, worker_name
+from fastres.plan import Cell
 from fastres.records import EpochMetrics
 from fastres.structures import STRUCTURES
 

@@ -5,8 +5,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastres.models import CheckpointError, build, from_seed_checkpoint
-from fastres.structures import STRUCTURES, ResNetSpec
+from fastres.models import CheckpointError, build, forward_flops, from_seed_checkpoint
+from fastres.structures import STRUCTURES, ResNetSpec, forward_flop, param_count
 
 
 class RefBlock(nn.Module):
@@ -156,3 +156,13 @@ def test_strictly_gives_the_format_strides_where_contiguous_does_not(shape):
     cl = strictly(nchw, torch.channels_last)
     assert cl.stride() == torch.empty(shape, memory_format=torch.channels_last).stride()
     assert strictly(cl, torch.channels_last) is cl
+
+
+@pytest.mark.parametrize("spec", [*STRUCTURES.values(), *SMALL.values(),
+                                  ResNetSpec.parse("N=3 B=1,2,1 C_in=4 F0=5 P0=1 F1=3 P1=1 K=1")])
+def test_spec_counts_are_the_built_models(spec):
+    """fastres.structures counts parameters and FLOP from the spec alone (planning needs no
+    torch); they must be what the built model has and computes."""
+    model = build(spec)
+    assert param_count(spec) == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert forward_flop(spec) == forward_flops(model)

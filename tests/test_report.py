@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from fastres.grid import Cell, Protocol, register
 from fastres.grid import main as grid_main
+from fastres.plan import Cell, GridProtocol, register
 from fastres.records import EpochMetrics, RunResult, best_of
 from fastres.report import main
 from fastres.results import ResultsDB, new_owner
@@ -23,7 +23,7 @@ from .test_grid import grid_args, grid_data  # noqa: F401  (module fixture)
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def record(db: ResultsDB, cell: Cell, protocol: Protocol, accs: list[float] | None) -> str:
+def record(db: ResultsDB, cell: Cell, protocol: GridProtocol, accs: list[float] | None) -> str:
     """A run through the store's real API; accs=None leaves it registered but not run."""
     rid = register(db, cell, protocol, "test")
     if accs is None:
@@ -45,7 +45,7 @@ def paper_like(tmp_path):
     """Structure 1 with three optimizers finished (one missing), augmentation on and off, and
     the Figure 7 and 8 variants, on a 3-epoch protocol."""
     db = ResultsDB(tmp_path / "runs")
-    p = Protocol(epochs=3, data="d", data_kind="test")
+    p = GridProtocol(epochs=3, data="d", data_kind="test")
     s1 = STRUCTURES[1]
     for aug in (True, False):
         record(db, Cell(s1, 1, "sgd", aug), p, [0.5, 0.9510, 0.94])
@@ -109,9 +109,9 @@ def test_report_on_a_real_tiny_grid(grid_data, tmp_path, capsys):  # noqa: F811
 def test_protocols_are_not_mixed(tmp_path, capsys):
     db = ResultsDB(tmp_path / "runs")
     s1 = STRUCTURES[1]
-    record(db, Cell(s1, 1, "sgd"), Protocol(epochs=3, data="d"), [0.5, 0.6, 0.7])
-    record(db, Cell(s1, 1, "adam"), Protocol(epochs=3, data="d"), [0.5, 0.6, 0.7])
-    other = Protocol(epochs=2, data="d")
+    record(db, Cell(s1, 1, "sgd"), GridProtocol(epochs=3, data="d"), [0.5, 0.6, 0.7])
+    record(db, Cell(s1, 1, "adam"), GridProtocol(epochs=3, data="d"), [0.5, 0.6, 0.7])
+    other = GridProtocol(epochs=2, data="d")
     record(db, Cell(s1, 1, "sgd"), other, [0.1, 0.2])
     db.close()
     assert main(["--results", str(tmp_path / "runs"), "--no-figures"]) == 0
@@ -182,7 +182,7 @@ def test_report_reads_a_live_grid_read_only(paper_like, capsys):
     """With a grid writing (its WAL not yet checkpointed), a report sees its commits through
     SQLite's mode=ro, and its connection cannot write."""
     writer = ResultsDB(paper_like)
-    record(writer, Cell(STRUCTURES[1], 1, "nesterov"), Protocol(epochs=3, data="d",
+    record(writer, Cell(STRUCTURES[1], 1, "nesterov"), GridProtocol(epochs=3, data="d",
                                                                  data_kind="test"),
            [0.5, 0.6, 0.7])
     reader = ResultsDB(paper_like, readonly=True)

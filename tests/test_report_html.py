@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fastres.grid import Cell, Protocol, register
+from fastres.plan import Cell, GridProtocol, register
 from fastres.records import EpochMetrics, RunResult, best_of
 from fastres.report import main
 from fastres.results import ResultsDB, new_owner
@@ -24,7 +24,7 @@ KERNEL_PLAN = ["conv1: 3->16 k3 s1 p1: triton implicit-GEMM conv + BN stats epil
                "layer1.0.conv1: 16->16 k3 s1 p1: aten conv2d (cuDNN) + triton BN stats pass"]
 
 
-def record(db: ResultsDB, cell: Cell, protocol: Protocol, accs: list[float] | None,
+def record(db: ResultsDB, cell: Cell, protocol: GridProtocol, accs: list[float] | None,
            env: dict) -> None:
     """A run through the store's real API (accs=None: registered, not run)."""
     rid = register(db, cell, protocol, "test")
@@ -48,7 +48,7 @@ def results(tmp_path) -> Path:
     """Structure 1: sgd and adam finished with and without augmentation, adagrad pending, and
     the Figure 7 and 8 variants; one run recorded a Triton kernel plan."""
     db = ResultsDB(tmp_path / "runs")
-    p = Protocol(epochs=3, data="d", data_kind="test")
+    p = GridProtocol(epochs=3, data="d", data_kind="test")
     s1 = STRUCTURES[1]
     for aug in (True, False):
         record(db, Cell(s1, 1, "sgd", aug), p, [0.5, 0.9510, 0.94],

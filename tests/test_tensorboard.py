@@ -11,8 +11,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
 from tensorboard.plugins.hparams import metadata
 
-from fastres.grid import Cell, Protocol, register
 from fastres.grid import main as grid_main
+from fastres.plan import Cell, GridProtocol, register
 from fastres.records import EpochMetrics, RunResult, best_of
 from fastres.report import main as report_main
 from fastres.results import ResultsDB, new_owner
@@ -40,7 +40,7 @@ class Writer:
 
     def __init__(self, folder: Path):
         self.db = ResultsDB(folder)
-        self.protocol = Protocol(epochs=6, data="d", data_kind="test")
+        self.protocol = GridProtocol(epochs=6, data="d", data_kind="test")
         self.owner = new_owner()
 
     def start(self, cell: Cell) -> str:

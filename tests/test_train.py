@@ -6,16 +6,12 @@ import math
 import pytest
 import torch
 
+from fastres.config import PRECISIONS, TrainConfig
 from fastres.protocol import OPTIMIZER_SETTINGS
 from fastres.records import best_of
+from fastres.steps import make_optimizer, make_scheduler
 from fastres.structures import ResNetSpec
-from fastres.train import (
-    TrainConfig,
-    main,
-    make_optimizer,
-    make_scheduler,
-    train,
-)
+from fastres.train import main, train
 
 TINY = ResNetSpec.parse("N=2 B=1,1 C_in=8 F0=3 P0=1 F1=3 P1=1 K=1")
 QUIET = {"log": lambda _m: None}
@@ -65,6 +61,13 @@ def test_optimizer_settings_match_table_2(name):
         assert g["momentum"] == 0.9 and g["nesterov"] == (name == "nesterov")
     if name == "adam":
         assert g["betas"] == (0.9, 0.999) and g["eps"] == 1e-8
+
+
+def test_every_precision_name_has_a_dtype():
+    """fastres.config names the precisions (no torch there); the trainer maps each to a dtype."""
+    from fastres.steps import AMP_DTYPES as DTYPES
+
+    assert tuple(DTYPES) == PRECISIONS
 
 
 def test_run_reports_every_epoch_and_its_rate(tiny_betons, tmp_path):
