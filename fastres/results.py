@@ -128,6 +128,21 @@ def _owner_is_dead(owner: str) -> bool:
     return False
 
 
+def _when_unlocked(op, seconds: float = 60.0):
+    """op(), retried while SQLite says the database is locked (another process is creating or
+    converting it), for up to `seconds`."""
+    deadline = time.monotonic() + seconds
+    pause = 0.01
+    while True:
+        try:
+            return op()
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.5)
+
+
 class ResultsDB:
     """A results folder. Each instance holds its own connection (one per process or thread).
     readonly=True (reports) opens the database with SQLite's mode=ro and writes nothing."""
@@ -147,8 +162,11 @@ class ResultsDB:
         self.conn.row_factory = sqlite3.Row
         try:
             self.conn.execute("PRAGMA busy_timeout = 60000")
-            self._check_foreign()
-            self.conn.execute("PRAGMA journal_mode = WAL")
+            _when_unlocked(self._check_foreign)
+            # Switching to WAL takes an exclusive lock, and SQLite may answer a process creating
+            # the same database at the same moment with "database is locked" at once, without
+            # its busy handler: wait for the other process instead.
+            _when_unlocked(lambda: self.conn.execute("PRAGMA journal_mode = WAL"))
             self.conn.execute("PRAGMA synchronous = FULL")
         except sqlite3.DatabaseError as e:  # "file is not a database"
             self.conn.close()
@@ -160,15 +178,24 @@ class ResultsDB:
             self.conn.close()
             raise
         try:
-            self.conn.executescript(SCHEMA)  # IF NOT EXISTS throughout: safe to race
-            with self.transaction(immediate=True):
-                self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('app', 'fastres')")
-                self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)",
-                                  (str(SCHEMA_VERSION),))
+            # Tables and their meta rows in one transaction: a process opening the folder at the
+            # same moment sees either nothing or a whole fastres database (IF NOT EXISTS and
+            # OR IGNORE throughout: safe to race).
+            _when_unlocked(self._create)
         except (sqlite3.OperationalError, DiskFull) as e:
             self.conn.close()
             if _sqlite_full(e):
                 raise folder_full(self.folder, e) from None
+            raise
+
+    def _create(self) -> None:
+        try:
+            self.conn.executescript(
+                f"BEGIN IMMEDIATE; {SCHEMA} INSERT OR IGNORE INTO meta VALUES ('app', 'fastres'); "
+                f"INSERT OR IGNORE INTO meta VALUES ('schema', '{SCHEMA_VERSION}'); COMMIT;")
+        except BaseException:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
             raise
 
     def _probe(self) -> None:
