@@ -207,6 +207,18 @@ class Cadence:
 # ---------------------------------------------------------------------------- writer
 
 
+def _close_after(close: Callable[[], None], exc: BaseException | None) -> None:
+    """close() on leaving a block: its error raised if the block ended cleanly, else attached
+    to the block's exception as a note (which goes on)."""
+    if exc is None:
+        close()
+        return
+    try:
+        close()
+    except BaseException as e:
+        exc.add_note(f"the checkpoint writer also failed: {type(e).__name__}: {e}")
+
+
 class BackgroundWriter:
     """One daemon thread running one job at a time. submit() never blocks: it starts the job
     or, with one still in flight, returns False and the caller skips that save. A job's
@@ -302,15 +314,7 @@ class BackgroundWriter:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        if exc is None:
-            self.close()
-            return
-        # The body's exception goes on; the writer's, if any, rides along as a note.
-        try:
-            self.close()
-        except BaseException as e:
-            if hasattr(exc, "add_note"):  # Python 3.11+
-                exc.add_note(f"the checkpoint writer also failed: {type(e).__name__}: {e}")
+        _close_after(self.close, exc)
 
 
 # ---------------------------------------------------------------------------- best weights
@@ -456,11 +460,4 @@ class StateSaver:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        if exc is None:
-            self.close()
-            return
-        try:
-            self.close()
-        except BaseException as e:
-            if hasattr(exc, "add_note"):
-                exc.add_note(f"the checkpoint writer also failed: {type(e).__name__}: {e}")
+        _close_after(self.close, exc)

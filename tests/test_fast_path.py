@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 
 from fastres.config import TrainConfig
-from fastres.data import write_beton
 from fastres.models import from_seed_checkpoint
 from fastres.protocol import PAPER_OPTIMIZERS, SMOKE_SPEC
 from fastres.results import DB_NAME
 from fastres.structures import ResNetSpec
 from fastres.workbench import Workbench
 
-from .conftest import random_images, stable_seed
+from .conftest import stable_seed
+from .test_grid import grid_data  # noqa: F401  (module fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ResNetSpec.parse(SMOKE_SPEC)
@@ -82,14 +82,6 @@ def test_resident_data_is_read_once_per_worker(tiny_betons):
 
 # ------------------------------------------------------------------ checkpoints off the thread
 
-@pytest.fixture(scope="module")
-def grid_data(tmp_path_factory) -> str:
-    folder = tmp_path_factory.mktemp("fastpath")
-    write_beton(folder / "train.beton", random_images(256, 3), np.arange(256) % 10)
-    write_beton(folder / "test.beton", random_images(100, 4), np.arange(100) % 10)
-    return str(folder)
-
-
 def grid_cmd(data: str, results: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "fastres.grid", "--preset", "smoke", "--data", data,
             "--results", str(results), "--device", "cpu", "--optimizers", "adam",
@@ -130,7 +122,8 @@ def last_commit(results: Path) -> float:
         return 0.0
 
 
-def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(grid_data, tmp_path):
+def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(grid_data,  # noqa: F811
+                                                                    tmp_path):
     """kill -9 loses at most --checkpoint-every seconds: each rerun resumes from the last saved
     state, replaces the epoch rows recorded after it, and the finished run equals an
     uninterrupted one bit for bit. The kill moments are drawn from a stable seed."""
@@ -167,7 +160,8 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(grid_data, t
     assert rows(killed, best) == rows(clean, best)
 
 
-def test_sigterm_saves_the_state_releases_the_lease_and_leaves_best(grid_data, tmp_path):
+def test_sigterm_saves_the_state_releases_the_lease_and_leaves_best(grid_data,  # noqa: F811
+                                                                    tmp_path):
     """SIGTERM: the state of the epoch in flight is saved at its end, the lease released, exit
     143; the rerun resumes right there. A finished run leaves its last state and best.pt, both
     loadable by from_seed_checkpoint."""
