@@ -182,13 +182,30 @@ def test_sigterm_saves_the_state_releases_the_lease_and_leaves_best(grid_data,  
 
     out, _ = spawn(cmd).communicate(timeout=300)
     assert f"resuming after epoch {done}" in out, out
-    (status, ckpt, best_epoch), = rows(results, "SELECT status, checkpoint, best_epoch "
-                                       "FROM runs")
+    (status, ckpt, best_epoch, best_acc), = rows(results, "SELECT status, checkpoint, "
+                                                 "best_epoch, best_acc FROM runs")
     assert status == "completed" and ckpt.endswith("epoch-0008.pt")
     folder = results / Path(ckpt).parent
-    final, best = from_seed_checkpoint(results / ckpt, TINY), from_seed_checkpoint(
-        folder / "best.pt", TINY)
-    assert best_epoch is not None and final is not None and best is not None
+    final = from_seed_checkpoint(results / ckpt, TINY)
+    best = from_seed_checkpoint(folder / "best.pt", TINY)
+    # best.pt holds the best epoch's weights: evaluated as the run evaluates (same test batches
+    # of 100, fp32, eval mode), it scores the best accuracy recorded, to the image.
+    assert accuracy_of(best, grid_data) == best_acc and best_epoch is not None
+    assert final.state_dict().keys() == best.state_dict().keys()
+
+
+def accuracy_of(model, data: str) -> float:
+    import torch
+    from fastres.loaders.augment import DeviceAugment
+    from fastres.loaders.cifar import CifarLoader
+
+    loader = CifarLoader(Path(data) / "test.beton", 100, False, torch.device("cpu"),
+                         DeviceAugment(crop=False, flip=False, channels_last=False,
+                                       backend="torch"), num_workers=1)
+    model.eval()
+    with torch.no_grad():
+        correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in loader)
+    return correct / loader.num_samples
 
 
 def test_one_kernels_switch_reaches_the_augmentation_too(tiny_betons, monkeypatch):
