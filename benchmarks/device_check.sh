@@ -10,11 +10,15 @@
 # on the GPU; benchmarks/kernel_table.py (a training step per structure, eager vs triton: the
 # table `--kernels auto` reads, trusting the kernels only if those tests passed);
 # benchmarks/kernels.py; loader.py over the training set; epoch_time.py for structure 1, each
-# rung in its own process (a few epochs per rung). Raw outputs go under $OUT: the log, the
-# JSON + Markdown of loader and epoch_time, kernel_table.json (the committed table plus this
-# GPU's entry: copy it to fastres/kernel_table.json to commit it), and one tarball of everything
-# else (the device tool returns at most 8 files). If ffcv does not install, the rungs and
-# loaders that need it say so in their rows and the rest still run.
+# rung in its own process (a few epochs per rung); then, only in the time the budget has left,
+# benchmarks/arrays.py (structures 1 and 6, R = 1, 2, 5, 10: one training step of R runs one at
+# a time vs one run array, grouped and per-run; at most 90 s). Raw outputs go under $OUT: the
+# log, the JSON + Markdown of loader and epoch_time, arrays.md, kernel_table.json (the committed
+# table plus this GPU's entry: copy it to fastres/kernel_table.json to commit it), and one
+# tarball of everything else, arrays.json included (the device tool returns at most 8 files:
+# these are 8; with TO_BEST=1, whose to_best.json is one more, arrays.md goes in the tarball
+# too). If ffcv does not install, the rungs and loaders that need it say so in their rows and
+# the rest still run.
 #
 # Knobs (environment): BUDGET_S (default 500, the whole script), EPOCHS (measured epochs per
 # rung, 2), RUNG_BUDGET (seconds per rung, 45), STRUCTURES (1), RUNGS (1,8,7,5,3,4,6,2), TO_BEST=1 adds the 200-epoch run
@@ -183,6 +187,15 @@ bounded 420 "$RAW/epoch_time.log" "$PY" benchmarks/epoch_time.py "${STRUCT_FLAG[
   --isolate --warmup 1 --epochs "$EPOCHS" --rung-budget "$RUNG_BUDGET" "${SMOKE_FLAG[@]}" \
   --deadline "$ET_DEADLINE" --rungs "$RUNGS" \
   --json "$OUT/epoch_time.json" --md "$OUT/epoch_time.md"
+
+step "benchmarks/arrays.py: R runs one at a time vs one run array (what the budget has left)"
+# After epoch_time, so it only takes time left over; --budget-s inside the step's timeout makes
+# it skip (and say so) the cells it has no time for and still print and write its table.
+AR_MD=$OUT/arrays.md; [ "${TO_BEST:-0}" = 1 ] && AR_MD=$RAW/arrays.md  # at most 8 files back
+AR_T=$(( 90 < $(left) - 15 ? 90 : $(left) - 15 ))
+bounded 90 "$RAW/arrays.log" "$PY" benchmarks/arrays.py --structures 1,6 --sizes 1,2,5,10 \
+  "${SMOKE_FLAG[@]}" --budget-s $(( AR_T > 45 ? AR_T - 25 : 20 )) \
+  --json "$RAW/arrays.json" --md "$AR_MD"
 
 if [ "${TO_BEST:-0}" = 1 ]; then
   step "time to the paper's best: structure 1, SGD, 200 epochs"
