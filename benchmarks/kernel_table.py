@@ -49,7 +49,8 @@ from fastres.kernel_choice import (  # noqa: E402
     load_table,
 )
 from fastres.models import build  # noqa: E402
-from fastres.protocol import OPTIMIZER_SETTINGS, SMOKE_SPEC, WEIGHT_DECAY  # noqa: E402
+from fastres.protocol import SMOKE_SPEC  # noqa: E402
+from fastres.steps import make_optimizer  # noqa: E402
 from fastres.structures import STRUCTURES, ResNetSpec, SpecError  # noqa: E402
 
 SMOKE_DEVICE = "cpu-smoke"
@@ -138,9 +139,7 @@ def time_step(spec: ResNetSpec, kernels: str, device: torch.device, batch: int, 
     memory_format = torch.channels_last if gpu else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     amp = torch.bfloat16 if gpu else None
-    cls_name, settings = OPTIMIZER_SETTINGS["sgd"]
-    opt = getattr(torch.optim, cls_name)(model.parameters(), **settings,
-                                         weight_decay=WEIGHT_DECAY)
+    opt = make_optimizer("sgd", model.parameters())
     gen = torch.Generator(device=device).manual_seed(0)
     images = torch.randn(batch, 3, 32, 32, device=device, generator=gen).contiguous(
         memory_format=memory_format)

@@ -32,7 +32,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from fastres.checkpoints import from_bytes, to_bytes
-from fastres.config import TrainConfig
+from fastres.config import TrainConfig, device_or_default
 from fastres.data import BetonPair
 from fastres.records import EpochMetrics, RunResult
 from fastres.results import (
@@ -180,11 +180,10 @@ def run_cell(cell: RayCell, store: Any, threads: int) -> tuple[str, RunResult | 
     log = (lambda _m: None) if cell.quiet else (lambda m: print(m, flush=True))
     try:
         # Ray reuses a worker process for later tasks: its workbench stays warm across cells.
-        device = cell.config.device or ("cuda" if torch.cuda.is_available() else "cpu")
         result = train(cell.config, data=cell.data, on_epoch=None,
                        log=lambda m: None if m.startswith("epoch") else log(m),
                        checkpoint=RemoteCheckpointer(store, cell.run_id, where),
-                       bench=for_device(device))
+                       bench=for_device(device_or_default(cell.config.device)))
     except StoreRefused as e:
         return "refused", str(e)
     except ray.exceptions.RayTaskError as e:

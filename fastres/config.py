@@ -44,6 +44,13 @@ CPU_CHANNELS_LAST = ("channels-last on the CPU: oneDNN's channels-last convoluti
                      "wrong at some shapes on some CPUs; training in contiguous NCHW instead")
 
 
+def device_or_default(device: str | None) -> str:
+    """`device`, or where a run goes when none is named: the GPU if torch sees one."""
+    import torch
+
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def parse_device(text: str) -> torch.device:
     """`--device` as a torch.device; ValueError unless it names the CPU or a visible CUDA GPU."""
     import torch
@@ -112,10 +119,8 @@ class TrainConfig:
         """A copy with every None default replaced by the choice for this device; ValueError
         naming the flag for any bad setting. Channels-last asked for on the CPU is switched off,
         said through `log` (a warning without one)."""
-        import torch
-
         self.check()
-        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = device_or_default(self.device)
         gpu = parse_device(device).type == "cuda"
         channels_last = gpu if self.channels_last is None else self.channels_last
         if channels_last and not gpu:

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from fastres.config import add_run_arguments, compute_settings
+from fastres.config import add_run_arguments, compute_settings, device_or_default
 from fastres.data import SYNTHETIC, SYNTHETIC_WARNING, BetonPair, DataError, DataUnavailable
 from fastres.kernel_choice import KernelsUnavailable
 from fastres.live import LiveBoard, local_worker, silence_conversion_bars, use_live
@@ -230,7 +230,7 @@ def run_job(job: Job, on_epoch=None, threads: int | None = None) -> tuple[str, s
         with Heartbeat(db.folder, job.run_id, owner) as beat:
             try:
                 # The process's workbench: data resident and engines warm across its cells.
-                bench = for_device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+                bench = for_device(device_or_default(cfg.device))
                 result = train(cfg, data=job.data, on_epoch=epoch_log,
                                log=lambda m: None if m.startswith("epoch") else log(m),
                                checkpoint=RunCheckpointer(db, job.run_id, owner, warn),

@@ -470,7 +470,9 @@ class RunCheckpointer:
     def __init__(self, db: ResultsDB, run_id: str, owner: str, log=print):
         self.db, self.run_id, self.owner, self.log = db, run_id, owner, log
         self.folder = db.folder / "checkpoints" / run_id
-        # Per thread, dropped (and its connection closed) with this object or its thread.
+        # db belongs to the thread that made this object (the Ray driver saves there); a writer
+        # thread opens a connection of its own, dropped (and closed) with this object or thread.
+        self._home = threading.get_ident()
         self._local = threading.local()
 
     def _restart(self, label: str, why: str) -> None:
@@ -521,7 +523,7 @@ class RunCheckpointer:
         """Write the state (and best.pt), then point the run at it; from the writer thread."""
         from fastres.checkpoints import save_checkpoint
 
-        db = getattr(self._local, "db", None)
+        db = self.db if threading.get_ident() == self._home else getattr(self._local, "db", None)
         if db is None:
             db = self._local.db = ResultsDB(self.db.folder)
         path = self.folder / f"epoch-{epoch:04d}.pt"

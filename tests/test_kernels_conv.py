@@ -107,12 +107,18 @@ def test_conv_and_stats_match_eager(case):
             assert_scaled_close(a, r, B16_GRAD_ATEN, f"{name} vs aten bf16")
             assert_scaled_close(a, e, B16_GRAD_EXACT, f"{name} vs exact")
 
-    # Statistics of the stored values, which is what eager BatchNorm would read.
+    assert_stats_of_stored_values(out, partials)
+
+
+def assert_stats_of_stored_values(out: torch.Tensor, partials) -> None:
+    """The fused per-channel statistics against those of the stored output, which is what
+    eager BatchNorm would read: partial sums, then batch mean, rstd and running variance."""
     v = out.detach().float()
-    sums = partials.sums.sum(0)
+    channels = v.shape[1]
     scale = v.abs().sum((0, 2, 3))
-    torch.testing.assert_close(sums, v.sum((0, 2, 3)), rtol=0, atol=1e-5 * scale.max().item())
-    rm, rv = torch.zeros(c_out, device=DEV), torch.ones(c_out, device=DEV)
+    torch.testing.assert_close(partials.sums.sum(0), v.sum((0, 2, 3)), rtol=0,
+                               atol=1e-5 * scale.max().item())
+    rm, rv = torch.zeros(channels, device=DEV), torch.ones(channels, device=DEV)
     mean, rstd = batchnorm.batch_stats(out, rm, rv, partials=partials)
     torch.testing.assert_close(mean, v.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
     var = v.var((0, 2, 3), unbiased=False)

@@ -35,9 +35,10 @@ the ungrouped op bit for bit.
 import pytest
 import torch
 import torch.nn.functional as F
-from fastres.kernels import _common, batchnorm, conv
+from fastres.kernels import _common, conv
 
 from .conftest import assert_scaled_close, stable_seed
+from .test_kernels_conv import assert_stats_of_stored_values
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 F32_REL = 1e-5
@@ -132,19 +133,8 @@ def test_grouped_conv_and_stats_match_eager(case):
             assert_scaled_close(a, s, B16_GRAD_PER_RUN, f"{name} vs per-run bf16")
 
     # Statistics of the stored values, per output channel (so per run).
-    v = out.detach().float()
-    channels = runs * c_out
-    assert partials.sums.shape[1] == partials.m2.shape[1] == channels
-    scale = v.abs().sum((0, 2, 3))
-    torch.testing.assert_close(partials.sums.sum(0), v.sum((0, 2, 3)), rtol=0,
-                               atol=1e-5 * scale.max().item())
-    rm, rv = torch.zeros(channels, device=DEV), torch.ones(channels, device=DEV)
-    mean, rstd = batchnorm.batch_stats(out, rm, rv, partials=partials)
-    torch.testing.assert_close(mean, v.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
-    var = v.var((0, 2, 3), unbiased=False)
-    torch.testing.assert_close(rstd, torch.rsqrt(var + 1e-5), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(rv, 0.9 + 0.1 * v.var((0, 2, 3), unbiased=True), rtol=1e-5,
-                               atol=1e-6)
+    assert partials.sums.shape[1] == partials.m2.shape[1] == runs * c_out
+    assert_stats_of_stored_values(out, partials)
 
 
 @pytest.mark.parametrize("case", [CASES[4], CASES[6]], ids=case_id)
