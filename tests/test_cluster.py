@@ -254,8 +254,11 @@ def test_driver_killed_then_rerun_resumes(cluster, cluster_data, audit_root, loc
     results = audit_root / "ray-driver-killed"
     grid = args(cluster_data, results, *TWO_CELLS, *EVERY_EPOCH, *on_cluster(cluster))
     p = spawn(grid)
+    # Kill once every run has saved a state (a run killed before its first save restarts,
+    # by design) and one is mid-run.
     wait_for(results, "SELECT run_id FROM runs WHERE checkpoint IS NOT NULL AND "
-             f"epochs_done BETWEEN 1 AND {E - 3}", p)
+             f"epochs_done BETWEEN 1 AND {E - 3} AND "
+             "(SELECT COUNT(*) FROM runs WHERE checkpoint IS NULL) = 0", p)
     p.send_signal(signal.SIGKILL)
     p.wait()
     before = table(results, "SELECT run_id, epoch, committed_at FROM epochs")
