@@ -73,6 +73,9 @@ class ArrayBatchNorm(nn.Module):
     def __init__(self, runs: int, ch: int):
         super().__init__()
         self.runs, self.ch = runs, ch
+        # nn.BatchNorm2d's attributes, which the Triton BatchNorm reads.
+        self.momentum, self.eps, self.affine, self.track_running_stats = \
+            BN_MOMENTUM, BN_EPS, True, True
         self.weight = nn.Parameter(torch.ones(runs * ch))
         self.bias = nn.Parameter(torch.zeros(runs * ch))
         self.register_buffer("running_mean", torch.zeros(runs * ch))

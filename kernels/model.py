@@ -16,6 +16,7 @@ from fastres.kernels._common import triton_available, unavailable_reason
 from fastres.kernels.batchnorm import batch_norm_act
 from fastres.kernels.conv import backward_format, conv2d
 
+from fastres.arrays import ArrayBatchNorm, ArrayConv, ArrayResNet
 from fastres.kernel_choice import KernelsUnavailable
 from fastres.models import BasicBlock, ResNet, strictly
 from fastres.structures import ResNetSpec
@@ -119,3 +120,37 @@ def build_triton(spec: ResNetSpec, device: torch.device | str | None = None) -> 
         raise KernelsUnavailable(f"kernels='triton' is not available: "
                                  f"{unavailable_reason(device)}; use kernels='eager'")
     return TritonResNet(spec)
+
+
+def _array_conv_bn(x: torch.Tensor, conv: ArrayConv, bn: ArrayBatchNorm,
+                   residual: torch.Tensor | None = None, relu: bool = True) -> torch.Tensor:
+    # One grouped implicit-GEMM convolution for the R runs (group r = run r), its epilogue
+    # giving the per-channel (so per-run) statistics of the R*C channels.
+    out, partials = conv2d(x, conv.weight.to(x.dtype), conv.stride, conv.padding,
+                           stats=bn.training, groups=conv.runs)
+    return batch_norm_act(out, bn, residual, relu, partials)
+
+
+class TritonArrayResNet(ArrayResNet):
+    """fastres.arrays.ArrayResNet whose grouped forward runs on fastres.kernels (always
+    grouped: the Triton convolution's group axis is the run axis)."""
+
+    def uses_grouped(self, device: torch.device) -> bool:
+        return True
+
+    def _grouped(self, xs: list[torch.Tensor]) -> torch.Tensor:
+        b, c, h, w = xs[0].shape
+        x = torch.stack(xs, 1).view(b, self.runs * c, h, w)
+        out = _array_conv_bn(x.to(_compute_dtype(x)).contiguous(memory_format=torch.channels_last),
+                             self.conv1, self.bn1)
+        for i in range(self.spec.N):
+            for block in getattr(self, f"layer{i + 1}"):
+                mid = _array_conv_bn(out, block.conv1, block.bn1)
+                if len(block.shortcut) == 0:
+                    shortcut = out
+                else:
+                    shortcut = _array_conv_bn(out, block.shortcut[0], block.shortcut[1],
+                                              relu=False)
+                out = _array_conv_bn(mid, block.conv2, block.bn2, residual=shortcut)
+        out = F.avg_pool2d(out, out.shape[-2:]).view(b, self.runs, -1).transpose(0, 1)
+        return self.linear(out)

@@ -1,0 +1,339 @@
+"""R runs of one structure trained together as one array (fastres.arrays), top to bottom.
+
+Each run is the run fastres.train would make of its config: its own seed (weights, shuffle,
+crops), augmentation, optimizer, rate, T_max and weight decay, its own metrics, checkpoints and
+result. What the runs share is the model's kernels: every step is one forward and backward of
+the array. Runs may stand at different epochs (resumed from checkpoints written by arrays of
+other sizes, or alone): each counts its own. A run that finishes or diverges leaves the array
+at the end of that epoch; the rest go on in a smaller array.
+
+A run's checkpoint is a solo run's (paper keys, its optimizer's solo state_dict), so it resumes
+alone or in an array of any size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from fastres.arrays import ArrayResNet, RunViews, array_loss
+from fastres.checkpoints import BestWeights, StateSaver
+from fastres.config import TrainConfig
+from fastres.data import BetonPair, prepare
+from fastres.models import build
+from fastres.records import Checkpointer, EpochMetrics, RunResult, best_of, finite
+from fastres.signals import Interrupted, StopRequest
+from fastres.steps import AMP_DTYPES, Schedule
+from fastres.workbench import Workbench
+
+# What every run of one array must share: they are computed by the same kernels, from batches
+# of the same size, over the same data.
+SHARED = ("spec", "epochs", "batch_size", "test_batch_size", "train_subset", "test_subset",
+          "device", "precision", "channels_last", "kernels", "data", "checkpoint_every")
+
+
+class ArrayError(ValueError):
+    """Runs that cannot be trained as one array (the message says which setting differs)."""
+
+
+def check_shared(cfgs: Sequence[TrainConfig]) -> None:
+    if not cfgs:
+        raise ArrayError("an array needs at least one run")
+    for name in SHARED:
+        values = [getattr(c, name) for c in cfgs]
+        if any(v != values[0] for v in values):
+            raise ArrayError(f"the runs of one array must share {name}; got "
+                             f"{sorted({str(v) for v in values})}")
+    if cfgs[0].precision == "fp16":
+        raise ArrayError("fp16 trains with one loss scale, which would couple the runs of an "
+                         "array (one run's overflow would rescale all); use bf16 or fp32, or "
+                         "train fp16 runs one at a time")
+
+
+def run_label(cfg: TrainConfig) -> str:
+    return (f"{cfg.optimizer} aug {'on' if cfg.augment else 'off'} T_max {cfg.tmax} "
+            f"seed {cfg.seed}")
+
+
+@dataclass
+class _Run:
+    """One run's side of the array."""
+
+    index: int
+    cfg: TrainConfig
+    train: object
+    test: object
+    checkpoint: Checkpointer | None
+    history: list[EpochMetrics] = field(default_factory=list)
+    status: str = "completed"
+    diverged_at: int | None = None
+    best_acc: float | None = None
+    best: BestWeights | None = None
+    saver: StateSaver | None = None
+    schedule: Schedule | None = None
+    error: BaseException | None = None
+    left: bool = False
+
+    @property
+    def epoch(self) -> int:
+        return len(self.history)
+
+    def finished(self) -> bool:
+        return self.status != "completed" or self.epoch >= self.cfg.epochs
+
+
+def _fresh_state(cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    # Exactly the solo run's initial weights: torch.manual_seed(seed); build(spec).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return build(cfg.spec).state_dict()
+
+
+def array_class(kernels: str) -> type[ArrayResNet]:
+    if kernels == "triton":
+        from fastres.kernels.model import TritonArrayResNet
+
+        return TritonArrayResNet
+    return ArrayResNet
+
+
+class Array:
+    """The model and per-run optimizers of the runs now in the array (rebuilt when one leaves)."""
+
+    def __init__(self, runs: list[_Run], states: list[dict | None], device: torch.device,
+                 grouped: bool | None):
+        cfg = runs[0].cfg
+        self.runs = runs
+        model_states = [s["model"] if s is not None else _fresh_state(r.cfg)
+                        for r, s in zip(runs, states, strict=True)]
+        self.model = array_class(cfg.kernels).from_states(cfg.spec, model_states, device,
+                                                          grouped)
+        if cfg.channels_last and self.model.uses_grouped(device):
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.views = RunViews(self.model, [r.cfg.optimizer for r in runs],
+                              [r.cfg.lr for r in runs], [r.cfg.weight_decay for r in runs])
+        for i, (run, state) in enumerate(zip(runs, states, strict=True)):
+            # The solo order: the schedule on the fresh optimizer, then the saved states.
+            run.schedule = Schedule(self.views.optimizers[i], run.cfg.tmax)
+            if state is not None:
+                self.views.load_optimizer_state(i, state["optimizer"])
+                run.schedule.load_state_dict(state["scheduler"])
+
+    def state(self, i: int) -> dict:
+        """Run i's state in a solo run's checkpoint format (fastres.train's keys)."""
+        run = self.runs[i]
+        return {"epoch": run.epoch, "model": self.model.run_state(i),
+                "optimizer": self.views.optimizer_state(i),
+                "scheduler": run.schedule.state_dict(),
+                "scaler": torch.amp.GradScaler("cpu", enabled=False).state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "augment_rng": run.train.generator.get_state(),
+                "loader_epoch": run.train.epoch}
+
+
+def train_array(cfgs: Sequence[TrainConfig], data: BetonPair | None = None,
+                on_epoch: Callable[[int, EpochMetrics], None] | None = None,
+                log: Callable[[str], None] = print,
+                checkpoints: Sequence[Checkpointer | None] | None = None,
+                bench: Workbench | None = None, grouped: bool | None = None,
+                isolate: tuple[type[BaseException], ...] = ()
+                ) -> list[RunResult | BaseException]:
+    """Train cfgs[i] for each i as one array; returns run i's RunResult at i, or the exception
+    (of a type in `isolate`) that took run i out of the array alone, say a lost lease. Any
+    other exception stops the whole array (every run's last saved state stays).
+
+    checkpoints[i]: run i's store, as fastres.train's `checkpoint` (resume, per-epoch rows,
+    states on cfg.checkpoint_every's cadence, SIGINT/SIGTERM: save every run's state at the end
+    of the epoch in flight, then raise Interrupted). on_epoch(i, metrics) after each epoch.
+    grouped: the array's compute path (fastres.arrays.ArrayResNet); Triton kernels are always
+    grouped."""
+    from fastres.train import environment, make_loaders
+
+    asked = [c.placement for c in cfgs]
+    cfgs = [c.resolved(log) for c in cfgs]
+    check_shared(cfgs)
+    checkpoints = list(checkpoints) if checkpoints is not None else [None] * len(cfgs)
+    if len(checkpoints) != len(cfgs):
+        raise ArrayError(f"{len(checkpoints)} checkpoints for {len(cfgs)} runs")
+    device = torch.device(cfgs[0].device)
+    if cfgs[0].kernels == "triton":
+        grouped = True  # the Triton convolution's run axis is its group axis
+    if data is None:
+        data = prepare(cfgs[0].data, cfgs[0].cache, log=log)
+    bench = bench or Workbench(device)
+    runs: list[_Run] = []
+    for i, cfg in enumerate(cfgs):
+        # Resident data: every run's batches gathered from one copy on the device.
+        cfg = dataclasses.replace(cfg, placement="stream" if asked[i] == "stream" else "resident",
+                                  graphs=False, compile=False)
+        train_loader, test_loader, placement = make_loaders(cfg, data, bench, log)
+        cfgs[i] = dataclasses.replace(cfg, placement=placement)
+        runs.append(_Run(i, cfgs[i], train_loader, test_loader, checkpoints[i]))
+    amp = AMP_DTYPES[cfgs[0].precision]
+    path = "grouped" if (grouped if grouped is not None else device.type == "cuda") \
+        else "per-run"
+    log(f"[array] {cfgs[0].spec} | {len(runs)} runs as one array ({path}) | {cfgs[0].epochs} "
+        f"epochs | {device} {cfgs[0].precision} | {cfgs[0].kernels} kernels | "
+        f"{runs[0].train.num_samples} train / {runs[0].test.num_samples} test images, "
+        f"{cfgs[0].placement} | no CUDA graphs or compile in arrays yet")
+
+    states: list[dict | None] = []
+    for run in runs:
+        saved = run.checkpoint.load() if run.checkpoint is not None else None
+        state = None
+        if saved is not None:
+            state, run.history = saved
+            if state["epoch"] != len(run.history):
+                raise ValueError(f"run {run.index}: checkpoint is of epoch {state['epoch']} but "
+                                 f"{len(run.history)} epochs are recorded")
+            run.train.generator.set_state(state["augment_rng"])
+            run.train.epoch = state["loader_epoch"]
+            log(f"[array] {run_label(run.cfg)}: resuming after epoch {state['epoch']}")
+        if run.history and not finite(run.history[-1]):
+            run.status, run.diverged_at = "diverged", run.history[-1].epoch
+        run.best_acc = best_of(run.history)[0]
+        run.best = BestWeights() if run.checkpoint is not None else None
+        states.append(state)
+
+    def leave(run: _Run, error: BaseException | None = None) -> None:
+        run.left, run.error = True, error
+
+    with contextlib.ExitStack() as stack:
+        for run in runs:
+            if run.checkpoint is not None:
+                run.saver = stack.enter_context(StateSaver(run.checkpoint,
+                                                           run.cfg.checkpoint_every))
+        stop = stack.enter_context(StopRequest(log) if any(checkpoints)
+                                   else contextlib.nullcontext())
+        live = [(r, s) for r, s in zip(runs, states, strict=True) if not r.finished()]
+        for run in runs:
+            if run.finished():
+                leave(run)
+        array = Array([r for r, _ in live], [s for _, s in live], device, grouped) \
+            if live else None
+        while array is not None:
+            t0 = time.perf_counter()
+            members = array.runs
+            lrs = [r.schedule.lr for r in members]
+            n = len(members)
+            zero = torch.zeros(n, device=device)
+            train_loss, test_loss = zero.clone(), zero.clone()
+            train_correct = torch.zeros(n, device=device, dtype=torch.long)
+            test_correct = train_correct.clone()
+            array.model.train()
+            for batches in zip(*[r.train for r in members], strict=True):
+                xs = [x for x, _ in batches]
+                ys = torch.stack([y for _, y in batches])
+                array.views.zero_grad()
+                with torch.autocast(device.type, dtype=amp or torch.float32,
+                                    enabled=amp is not None):
+                    logits = array.model(xs)
+                total, per_run = array_loss(logits.float(), ys)
+                total.backward()
+                array.views.step()
+                train_loss += per_run * ys.shape[1]
+                train_correct += (logits.argmax(-1) == ys).sum(1)
+            for run in members:
+                run.schedule.step()
+            array.model.eval()
+            with torch.no_grad():
+                for batches in zip(*[r.test for r in members], strict=True):
+                    ys = [y for _, y in batches]
+                    with torch.autocast(device.type, dtype=amp or torch.float32,
+                                        enabled=amp is not None):
+                        logits = array.model([x for x, _ in batches]).float()
+                    # Per run, as the solo step sums (one batched call may sum in another order).
+                    test_loss += torch.stack([F.cross_entropy(logits[i], y, reduction="sum")
+                                              for i, y in enumerate(ys)])
+                    test_correct += (logits.argmax(-1) == torch.stack(ys)).sum(1)
+            array.model.train()
+            # The epoch's one host sync: every run's sums at once.
+            sums = torch.stack([train_loss.double(), train_correct.double(),
+                                test_loss.double(), test_correct.double()]).tolist()
+            share = (time.perf_counter() - t0) / n  # each run's share of the array's epoch
+            for i, run in enumerate(members):
+                m = EpochMetrics(run.epoch + 1, lrs[i], sums[0][i] / run.train.num_samples,
+                                 int(sums[1][i]) / run.train.num_samples,
+                                 sums[2][i] / run.test.num_samples,
+                                 int(sums[3][i]) / run.test.num_samples, share)
+                run.history.append(m)
+                log(f"epoch {m.epoch:>4}/{run.cfg.epochs} [{run_label(run.cfg)}]  lr {m.lr:.5f}  "
+                    f"train loss {m.train_loss:.4f} acc {100 * m.train_acc:6.2f}%  test loss "
+                    f"{m.test_loss:.4f} acc {100 * m.test_acc:6.2f}%  {m.seconds:.1f}s")
+                if not finite(m):
+                    run.status, run.diverged_at = "diverged", m.epoch
+                    bad = m.train_loss if not math.isfinite(m.train_loss) else m.test_loss
+                    log(f"[array] {run_label(run.cfg)}: loss is {bad} at epoch {m.epoch}: run "
+                        "diverged; it leaves the array")
+                try:
+                    _after_epoch(array, i, m, stop)
+                except isolate as e:
+                    log(f"[array] {run_label(run.cfg)} leaves the array: {e}")
+                    leave(run, e)
+                    continue
+                if on_epoch is not None:
+                    on_epoch(run.index, m)
+            if stop is not None and getattr(stop, "signum", None) is not None:
+                for i, run in enumerate(members):
+                    if run.saver is not None and not run.left:
+                        run.saver.final(run.epoch, lambda i=i, a=array: a.state(i), run.best)
+                log("[array] every run's state saved; stopping")
+                raise Interrupted(stop.signum)
+            going = []
+            for i, run in enumerate(members):
+                if run.left:
+                    continue
+                if run.finished():
+                    if run.saver is not None:
+                        try:
+                            run.saver.final(run.epoch, lambda i=i, a=array: a.state(i), run.best)
+                        except isolate as e:
+                            leave(run, e)
+                            continue
+                    leave(run)
+                else:
+                    going.append(i)
+            if len(going) == n:
+                continue
+            # Some runs left: the rest go on as a smaller array, from their exact states.
+            kept = [array.runs[i] for i in going]
+            array = Array(kept, [array.state(i) for i in going], device, grouped) \
+                if kept else None
+
+    env = environment(device)
+    env["array"] = {"runs": len(runs), "path": path}
+    out: list[RunResult | BaseException] = []
+    for run in runs:
+        if run.error is not None:
+            out.append(run.error)
+            continue
+        best_acc, best_epoch, loss_at_best = best_of(run.history)
+        out.append(RunResult(run.cfg.to_dict(), run.status, run.history, best_acc, best_epoch,
+                             loss_at_best, run.diverged_at, env,
+                             {"kind": data.kind, "source": data.source,
+                              "num_train": run.train.num_samples,
+                              "num_test": run.test.num_samples,
+                              "placement": run.cfg.placement}))
+    return out
+
+
+def _after_epoch(array: Array, i: int, m: EpochMetrics, stop: object) -> None:
+    """Run i's store after its epoch: the metrics row, its best weights, its state on the
+    cadence."""
+    run = array.runs[i]
+    if run.checkpoint is None:
+        return
+    run.checkpoint.record(m)
+    if finite(m) and (run.best_acc is None or m.test_acc > run.best_acc):
+        run.best_acc = m.test_acc
+        run.best.update(m.epoch, array.model.run_state(i))
+    if run.cfg.checkpoint_every == 0:  # every epoch's state, as the flag says
+        run.saver.writer.wait()
+    run.saver.epoch_end(m.epoch, lambda: array.state(i), run.best)
