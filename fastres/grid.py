@@ -256,19 +256,145 @@ def run_job(job: Job, on_epoch=None, threads: int | None = None) -> tuple[str, s
         db.close()
 
 
-def run_local(jobs: list[Job], progress: Progress, poll: float = 2.0) -> None:
-    """In this process, one cell after another; cells another process holds are revisited
-    after each pass until their owner finishes them (or dies and they are taken over)."""
-    pending = list(jobs)
+def run_array_job(jobs: list[Job], on_epoch=None) -> list[tuple[str, str, str]]:
+    """Lease the cells of one array (same spec and protocol), train those it got as one run
+    array (fastres.train_array), record each. Returns (run_id, outcome, detail) per cell, the
+    outcomes of run_job, plus 'split' for the cells of an array that ran out of device memory
+    (given back unfinished, their attempts not counted: the caller retries them in halves)."""
+    import contextlib
+
+    import torch
+
+    from fastres.results import (
+        DiskFull,
+        Heartbeat,
+        LeaseLost,
+        ResultsDB,
+        ResultsError,
+        RunCheckpointer,
+        new_owner,
+    )
+    from fastres.train_array import train_array
+    from fastres.workbench import for_device
+
+    db = ResultsDB(jobs[0].results)
+    owner = new_owner()
+    out: dict[str, tuple[str, str]] = {}
+    acquired: list[Job] = []
+    try:
+        for job in jobs:
+            got = db.acquire(job.run_id, owner, max_attempts=job.max_attempts)
+            if got == "acquired":
+                acquired.append(job)
+            elif got == "failed":  # at the retry cap: failed, never "done"
+                out[job.run_id] = got, failed_detail(db.run(job.run_id), job.max_attempts)
+            else:
+                out[job.run_id] = got, ""
+        if acquired:
+            quiet = acquired[0].quiet
+            log = (lambda _m: None) if quiet else (lambda m: print(m, flush=True))
+
+            def warn(message: str) -> None:  # printed even when quiet
+                print(message, file=sys.stderr, flush=True)
+
+            cfgs = [j.cell.config(j.protocol, j.compute) for j in acquired]
+            epoch_log = None if on_epoch is None else \
+                (lambda i, m: on_epoch(acquired[i].run_id, m))
+            with contextlib.ExitStack() as stack:
+                beats = [stack.enter_context(Heartbeat(db.folder, j.run_id, owner))
+                         for j in acquired]
+                try:
+                    results = train_array(
+                        cfgs, data=acquired[0].data, on_epoch=epoch_log,
+                        log=lambda m: None if m.startswith("epoch") else log(m),
+                        checkpoints=[RunCheckpointer(db, j.run_id, owner, warn)
+                                     for j in acquired],
+                        bench=for_device(device_or_default(cfgs[0].device)),
+                        isolate=(LeaseLost,))
+                except torch.cuda.OutOfMemoryError as e:
+                    if len(acquired) == 1:
+                        raise
+                    print(f"[grid] an array of {len(acquired)} runs ran out of device memory "
+                          f"({str(e).splitlines()[0]}); splitting it", file=sys.stderr,
+                          flush=True)
+                    for j in acquired:
+                        db.release(j.run_id, owner)
+                        out[j.run_id] = "split", ""
+                    results = []
+                except DiskFull:
+                    raise  # every other cell would fail the same way
+                except Exception as e:  # the grid goes on; the error is recorded with each run
+                    for j in acquired:
+                        db.fail(j.run_id, owner, f"{type(e).__name__}: {e}")
+                        out[j.run_id] = "failed", failed_detail(db.run(j.run_id),
+                                                                j.max_attempts)
+                    results = []
+            # results is empty after an error that ended the whole array (recorded above).
+            for j, beat, result in zip(acquired, beats, results, strict=False):
+                if isinstance(result, LeaseLost) or beat.lost:
+                    out[j.run_id] = "busy", ""
+                elif isinstance(result, BaseException):
+                    db.fail(j.run_id, owner, f"{type(result).__name__}: {result}")
+                    out[j.run_id] = "failed", failed_detail(db.run(j.run_id), j.max_attempts)
+                else:
+                    db.finish(j.run_id, owner, result)
+                    out[j.run_id] = result.status, ""
+        return [(j.run_id, *out[j.run_id]) for j in jobs]
+    except (KeyboardInterrupt, DiskFull):  # Interrupted is a KeyboardInterrupt
+        for j in acquired:
+            try:
+                db.release(j.run_id, owner)  # a no-op unless this owner holds the lease
+            except (sqlite3.Error, ResultsError):
+                pass  # the lease of a dead owner is taken over by the next grid anyway
+        raise
+    finally:
+        db.close()
+
+
+def array_units(jobs: list[Job], sizes: dict[str, int]) -> list[list[Job]]:
+    """The cells as units of work: runs of one spec and protocol (the grid's cells share the
+    protocol) in arrays of at most sizes[str(spec)] (1 where absent), in plan order; size 1
+    is one cell per unit."""
+    groups: dict[str, list[Job]] = {}
+    for j in jobs:
+        groups.setdefault(str(j.cell.spec), []).append(j)
+    units = []
+    for spec, group in groups.items():
+        # As few arrays as the size allows, of near-equal sizes.
+        n = -(-len(group) // max(1, sizes.get(spec, 1)))
+        units.extend(group[i * len(group) // n:(i + 1) * len(group) // n] for i in range(n))
+    return units
+
+
+def run_local(jobs: list[Job], progress: Progress, poll: float = 2.0,
+              sizes: dict[str, int] | None = None) -> None:
+    """In this process, one unit after another: a cell, or an array of up to sizes[str(spec)]
+    cells of one structure (see array_units); cells another process holds are revisited after
+    each pass until their owner finishes them (or dies and they are taken over). An array
+    that runs out of device memory is split in two and retried."""
+    sizes = sizes or {}
+    pending = array_units(jobs, sizes)
     while pending:
-        busy = []
-        for job in pending:
-            progress.start(job.run_id)
-            outcome, detail = run_job(job, on_epoch=progress.epoch)
-            progress.cell(job.run_id, outcome, detail)
-            if outcome == "busy":
-                busy.append(job)
-        pending = busy
+        busy: list[Job] = []
+        queue = list(pending)
+        while queue:
+            unit = queue.pop(0)
+            for job in unit:
+                progress.start(job.run_id)
+            if len(unit) == 1:
+                outcome, detail = run_job(unit[0], on_epoch=progress.epoch)
+                outcomes = [(unit[0].run_id, outcome, detail)]
+            else:
+                outcomes = run_array_job(unit, on_epoch=progress.epoch)
+            if any(o == "split" for _, o, _ in outcomes):
+                half = len(unit) // 2
+                queue[:0] = [unit[:half], unit[half:]]
+                continue
+            for job, (rid, outcome, detail) in zip(unit, outcomes, strict=True):
+                progress.cell(rid, outcome, detail)
+                if outcome == "busy":
+                    busy.append(job)
+        pending = array_units(busy, sizes)
         if pending:
             time.sleep(poll)
 
@@ -336,6 +462,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="retries of a cell whose worker dies or whose run fails")
     ap.add_argument("--retry-failed", action="store_true",
                     help="give runs that failed --max-retries + 1 times that many attempts again")
+    ap.add_argument("--array", default="auto", metavar="auto|off|N",
+                    help="train the cells of one structure together as arrays of up to N runs "
+                    "(fastres/train_array.py); auto: on a GPU as many as its memory holds (at "
+                    f"most {AUTO_ARRAY_CAP}), on the CPU one at a time (no faster there); off: "
+                    "one at a time")
     ap.add_argument("--tensorboard", metavar="DIR", help="keep TensorBoard event files of every "
                     "run in DIR current while the grid runs (tensorboard --logdir DIR)")
     add_run_arguments(ap)
@@ -350,6 +481,47 @@ def check_flags(args: argparse.Namespace) -> None:
         raise GridError(f"--runs-per-gpu must be at least 1, got {args.runs_per_gpu}")
     if args.max_retries < 0:
         raise GridError(f"--max-retries must be 0 or more, got {args.max_retries}")
+
+
+AUTO_ARRAY_CAP = 10  # the paper's runs per structure
+
+
+def parse_array(value: str) -> int | None:
+    """--array: None for auto, else the most runs per array (off = 1)."""
+    if value == "auto":
+        return None
+    if value == "off":
+        return 1
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise GridError(f"--array must be auto, off or a number of runs >= 1, got {value!r}")
+    return n
+
+
+def array_sizes(asked: int | None, configs: dict[str, object], log=print) -> dict[str, int]:
+    """Runs per array for each spec (configs: spec -> one of its resolved TrainConfigs)."""
+    sizes = {}
+    for spec, cfg in configs.items():
+        if cfg.precision == "fp16":
+            if asked not in (None, 1):
+                raise GridError("--array with --precision fp16: one loss scale would couple the "
+                                "runs of an array; use bf16 or --array off")
+            sizes[spec] = 1
+        elif asked is not None:
+            sizes[spec] = asked
+        elif not cfg.device.startswith("cuda"):
+            sizes[spec] = 1
+        else:
+            from fastres.train_array import fit_array
+
+            sizes[spec] = fit_array(cfg, AUTO_ARRAY_CAP, log)
+    if asked is None and any(not c.device.startswith("cuda") for c in configs.values()):
+        log("[grid] --array auto: one run at a time on the CPU, where an array is no faster "
+            "(benchmarks/arrays.py); --array N groups runs anyway")
+    return sizes
 
 
 def _subset_flag(args: argparse.Namespace, which: str) -> str:
@@ -409,6 +581,7 @@ def _run(args: argparse.Namespace) -> int:
                                plan.test_subset or CIFAR_SIZES[1], args.workers or 1)
             return 0
         check_flags(args)
+        array_asked = parse_array(args.array)
         db = ResultsDB(args.results)  # fail on a bad folder before spending time on data
         compute = compute_settings(args)
         # Check the run settings once here, built as each cell builds them, rather than failing
@@ -467,11 +640,19 @@ def _run(args: argparse.Namespace) -> int:
         print_estimate([j.cell.config(j.protocol, j.compute) for j in todo],
                        [plan.epochs - epochs_done[j.run_id] for j in todo], n_train, n_test,
                        workers or 1)
+        configs: dict[str, object] = {}
+        for j in todo:
+            configs.setdefault(str(j.cell.spec), j.cell.config(j.protocol, j.compute)
+                               .resolved(log=lambda _m: None))
+        sizes = array_sizes(array_asked, configs)
+        for spec, n in sizes.items():
+            if n > 1:
+                print(f"[grid] {spec}: its runs in arrays of up to {n}", flush=True)
         with progress:
             if use_ray:
                 run_ray(jobs, progress, workers, args.runs_per_gpu, args.ray, args.max_retries)
             else:
-                run_local(jobs, progress)
+                run_local(jobs, progress, sizes=sizes)
     except DataUnavailable as e:
         print(f"\nerror: no CIFAR-10 data.\n{e}\nTo see the grid work without it: "
               f"python -m fastres.grid --preset smoke --data {SYNTHETIC}", file=sys.stderr)
