@@ -36,7 +36,7 @@ from fastres.workbench import Workbench
 # What every run of one array must share: they are computed by the same kernels, from batches
 # of the same size, over the same data.
 SHARED = ("spec", "epochs", "batch_size", "test_batch_size", "train_subset", "test_subset",
-          "device", "precision", "channels_last", "kernels", "data", "checkpoint_every")
+          "device", "precision", "channels_last", "kernels", "data")
 
 
 class ArrayError(ValueError):
@@ -337,3 +337,54 @@ def _after_epoch(array: Array, i: int, m: EpochMetrics, stop: object) -> None:
     if run.cfg.checkpoint_every == 0:  # every epoch's state, as the flag says
         run.saver.writer.wait()
     run.saver.epoch_end(m.epoch, lambda: array.state(i), run.best)
+
+
+# Of the device's free memory, the share arrays may plan on: the allocator's slack, cuDNN's
+# workspaces and the resident data need the rest.
+ARRAY_MEMORY_SHARE = 0.6
+
+
+def fit_size(per_run_bytes: int, fixed_bytes: int, free_bytes: int, cap: int) -> int:
+    """The most runs (1..cap) whose training fits in ARRAY_MEMORY_SHARE of free_bytes, each
+    taking per_run_bytes beyond fixed_bytes."""
+    room = free_bytes * ARRAY_MEMORY_SHARE - fixed_bytes
+    return max(1, min(cap, int(room // max(per_run_bytes, 1))))
+
+
+def _step_peak(cfg: TrainConfig, runs: int) -> int:
+    """Peak device bytes of one training step of `runs` runs at cfg's batch size, with Adam
+    (two state tensors per parameter, as many as any Table 2 optimizer holds)."""
+    device = torch.device(cfg.device)
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    model = array_class(cfg.kernels).from_seeds(cfg.spec, range(runs), device, grouped=True)
+    views = RunViews(model, ["adam"] * runs)
+    amp = AMP_DTYPES[cfg.precision]
+    x = [torch.randn(cfg.batch_size, 3, 32, 32, device=device) for _ in range(runs)]
+    y = torch.randint(0, 10, (runs, cfg.batch_size), device=device)
+    for _ in range(2):  # the second step holds the optimizer's state too
+        views.zero_grad()
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            logits = model(x)
+        array_loss(logits.float(), y)[0].backward()
+        views.step()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    del model, views, x, y, logits
+    torch.cuda.empty_cache()
+    return peak
+
+
+def fit_array(cfg: TrainConfig, cap: int, log: Callable[[str], None] = print) -> int:
+    """How many runs of cfg's spec one array on cfg's (CUDA) device should hold: from the
+    measured peak memory of a training step of 1 and 2 runs, and the device's free memory."""
+    device = torch.device(cfg.device)
+    one, two = _step_peak(cfg, 1), _step_peak(cfg, 2)
+    per_run = max(two - one, one // 2)  # what each further run adds
+    free, _total = torch.cuda.mem_get_info(device)
+    n = fit_size(per_run, one - per_run, free, cap)
+    log(f"[array] {cfg.spec}: {per_run / 2**20:.0f} MiB per run at batch {cfg.batch_size}, "
+        f"{free / 2**30:.1f} GiB free: arrays of up to {n}")
+    return n
