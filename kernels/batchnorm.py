@@ -132,7 +132,7 @@ def _fwd_kernel(x_ptr, res_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, M, C,
         z = cast(z, y_ptr.dtype.element_ty).to(tl.float32) + tl.load(res_ptr + offs,
                                                                     mask=mask).to(tl.float32)
     if RELU:
-        z = tl.maximum(z, 0.0)
+        z = tl.where(z < 0.0, 0.0, z)  # NaN stays NaN, as torch.relu (tl.maximum drops it)
     tl.store(y_ptr + offs, cast(z, y_ptr.dtype.element_ty), mask=mask)
 
 

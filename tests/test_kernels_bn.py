@@ -179,3 +179,18 @@ def test_one_value_per_channel_is_an_error_like_eager():
         bn(x)
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         batchnorm.batch_norm_act(x, bn)
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_nan_propagates_through_the_fused_relu_like_eager(residual):
+    """A NaN entry stays NaN through BN + add + ReLU in eval mode, as torch.relu keeps it (Triton's
+    maximum would turn it into 0 and hide a diverged run's NaN from its loss)."""
+    bn = torch.nn.BatchNorm2d(3).eval()
+    x = torch.randn(2, 3, 5, 5).contiguous(memory_format=torch.channels_last)
+    x[1, 2, 3, 4] = float("nan")
+    res = torch.randn_like(x) if residual else None
+    got = batchnorm.batch_norm_act(x, bn, res, relu=True)
+    want = F.relu(bn(x) + (res if residual else 0))
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.isnan(got).sum() == 1
+    ok = ~torch.isnan(want)
+    torch.testing.assert_close(got[ok], want[ok], rtol=1e-5, atol=1e-6)
