@@ -227,3 +227,22 @@ def test_array_size_from_memory():
     assert fit_size(gib, gib, 100 * gib, 10) == 10  # room for far more: the cap
     assert fit_size(10 * gib, gib, 100 * gib, 10) == 5  # (60 - 1) // 10
     assert fit_size(200 * gib, gib, 100 * gib, 10) == 1  # never below one run
+
+
+def test_triton_array_trains_as_the_eager_solo_runs(betons):
+    """kernels="triton": the array runs on TritonArrayResNet (grouped implicit-GEMM convs with
+    the BN statistics epilogue; the Triton interpreter here). One step of 16 images and a test
+    batch (the interpreter is slow), SGD and Adam: fp32 losses within 1e-4 relative of the
+    eager solo runs (tests/test_kernels_array_model.py's forward tolerance), accuracies to the
+    image."""
+    small = dict(train_subset=16, test_subset=10, epochs=1, batch_size=16, test_batch_size=10)
+    cfgs = [dataclasses.replace(c, **small) for c in (ROW[1], ROW[4])]
+    results = train_array([dataclasses.replace(c, kernels="triton") for c in cfgs],
+                          data=betons, **QUIET)
+    assert results[0].config["kernels"] == "triton"
+    assert results[0].environment["array"] == {"runs": 2, "path": "grouped"}
+    for a, c in zip(results, cfgs, strict=True):
+        (ma,), (ms,) = a.epochs, train(c, data=betons, **QUIET).epochs
+        for name in ("train_loss", "test_loss"):
+            assert abs(getattr(ma, name) - getattr(ms, name)) <= 1e-4 * getattr(ms, name), name
+        assert (ma.train_acc, ma.test_acc) == (ms.train_acc, ms.test_acc)
