@@ -197,11 +197,51 @@ def run_cell(cell: RayCell, store: Any, threads: int) -> tuple[str, RunResult | 
 
 
 
-def run_cells(cells: list[RayCell], results: str, progress: Any, workers: int, threads: int,
-              num_gpus: float, max_retries: int, failed_detail: Callable[[dict, int], str],
-              poll: float = 1.0) -> None:
-    """The driver's loop (ray.init done): lease, submit at most `workers` tasks at once, record
-    the events the store relays, record each task's outcome. `progress` has the grid's
+
+def run_array_cells(cells: list[RayCell], store: Any, threads: int
+                    ) -> list[tuple[str, RunResult | str]]:
+    """The Ray task of an array: the cells (one spec) trained as one run array through the
+    store (fastres.train_array). Per cell what run_cell returns; a cell the driver refused
+    leaves the array alone; ('split', why) for every cell when the array ran out of device
+    memory (the driver retries it in halves)."""
+    import torch
+
+    from fastres.train_array import train_array
+    from fastres.workbench import for_device
+
+    torch.set_num_threads(threads)
+    where = {"ray_node_id": ray.get_runtime_context().get_node_id(),
+             "host": socket.gethostname(), "pid": os.getpid()}
+    log = (lambda _m: None) if cells[0].quiet else (lambda m: print(m, flush=True))
+    cfgs = [c.config for c in cells]
+    try:
+        results = train_array(cfgs, data=cells[0].data,
+                              log=lambda m: None if m.startswith("epoch") else log(m),
+                              checkpoints=[RemoteCheckpointer(store, c.run_id, where)
+                                           for c in cells],
+                              bench=for_device(device_or_default(cfgs[0].device)),
+                              isolate=(StoreRefused, ray.exceptions.RayTaskError))
+    except torch.cuda.OutOfMemoryError as e:
+        return [("split", str(e).splitlines()[0])] * len(cells)
+    except Exception as e:  # the grid goes on; the error is recorded with each run
+        return [("failed", f"{type(e).__name__}: {e}")] * len(cells)
+    out: list[tuple[str, RunResult | str]] = []
+    for result in results:
+        if isinstance(result, BaseException):
+            cause = getattr(result, "cause", result)
+            out.append(("refused", str(cause)) if isinstance(cause, StoreRefused)
+                       else ("failed", f"{type(cause).__name__}: {cause}"))
+        else:
+            result.environment["ray"] = where
+            out.append((result.status, result))
+    return out
+
+def run_cells(units: list[list[RayCell]], results: str, progress: Any, workers: int,
+              threads: int, num_gpus: float, max_retries: int,
+              failed_detail: Callable[[dict, int], str], poll: float = 1.0) -> None:
+    """The driver's loop (ray.init done): lease, submit at most `workers` tasks at once (a
+    unit of one cell is a run_cell task, a larger unit one run_array_cells task), record the
+    events the store relays, record each cell's outcome. `progress` has the grid's
     Progress.epoch(run_id, metrics) and .cell(run_id, outcome, detail)."""
     db = ResultsDB(results)
     owner = new_owner()  # this driver's: a rerun after it is killed takes its leases over
@@ -209,38 +249,46 @@ def run_cells(cells: list[RayCell], results: str, progress: Any, workers: int, t
     store = RunStore.options(
         scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
         runtime_env=WORKER_RUNTIME_ENV).remote()
-    task = ray.remote(run_cell).options(
-        num_cpus=threads, num_gpus=num_gpus, max_retries=max_retries, retry_exceptions=False,
-        runtime_env=WORKER_RUNTIME_ENV)
+    options = dict(num_cpus=threads, num_gpus=num_gpus, max_retries=max_retries,
+                   retry_exceptions=False, runtime_env=WORKER_RUNTIME_ENV)
+    task = ray.remote(run_cell).options(**options)
+    array_task = ray.remote(run_array_cells).options(**options)
 
     def warn(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    by_id = {c.run_id: c for c in cells}
-    queue, later = deque(cells), []  # later: (when, cell) held by another grid process
-    inflight: dict[Any, RayCell] = {}
+    by_id = {c.run_id: c for unit in units for c in unit}
+    queue, later = deque(units), []  # later: (when, unit) held by another grid process
+    inflight: dict[Any, list[RayCell]] = {}
     beat = time.monotonic()
     events = store.take.remote(poll)
     try:
         while queue or inflight or later:
             now = time.monotonic()
-            queue.extend(c for t, c in later if t <= now)
-            later = [(t, c) for t, c in later if t > now]
+            queue.extend(u for t, u in later if t <= now)
+            later = [(t, u) for t, u in later if t > now]
             while queue and len(inflight) < workers:
-                cell = queue.popleft()
-                got = db.acquire(cell.run_id, owner, max_attempts=cell.max_attempts)
-                if got == "acquired":
-                    saved = RunCheckpointer(db, cell.run_id, owner, warn).load()
-                    blob, history = (None, []) if saved is None else \
-                        (to_bytes(saved[0]), saved[1])
-                    ray.get(store.open.remote(cell.run_id, blob, history))
-                    inflight[task.remote(cell, store, threads)] = cell
-                    continue
-                detail = failed_detail(db.run(cell.run_id), cell.max_attempts) \
-                    if got == "failed" else ""
-                progress.cell(cell.run_id, got, detail)
-                if got == "busy":  # a live process elsewhere has it: look again later
-                    later.append((now + 2.0, cell))
+                unit, got_cells, busy = queue.popleft(), [], []
+                for cell in unit:
+                    got = db.acquire(cell.run_id, owner, max_attempts=cell.max_attempts)
+                    if got == "acquired":
+                        saved = RunCheckpointer(db, cell.run_id, owner, warn).load()
+                        blob, history = (None, []) if saved is None else \
+                            (to_bytes(saved[0]), saved[1])
+                        ray.get(store.open.remote(cell.run_id, blob, history))
+                        got_cells.append(cell)
+                        continue
+                    detail = failed_detail(db.run(cell.run_id), cell.max_attempts) \
+                        if got == "failed" else ""
+                    progress.cell(cell.run_id, got, detail)
+                    if got == "busy":  # a live process elsewhere has it: look again later
+                        busy.append(cell)
+                if busy:
+                    later.append((now + 2.0, busy))
+                if len(got_cells) == 1:
+                    inflight[task.remote(got_cells[0], store, threads)] = got_cells
+                elif got_cells:
+                    inflight[array_task.remote(got_cells, store, threads)] = got_cells
             ready, _ = ray.wait([events, *inflight], num_returns=1,
                                 timeout=None if inflight else poll)
             if events in ready:
@@ -251,22 +299,38 @@ def run_cells(cells: list[RayCell], results: str, progress: Any, workers: int, t
             for ref in ready:
                 if ref is events or ref not in inflight:
                     continue
-                cell = inflight.pop(ref)
-                outcome, detail = _finish(db, owner, cell, ref, failed_detail)
-                store.close.remote(cell.run_id)
-                progress.cell(cell.run_id, outcome, detail)
-                if outcome == "busy":
-                    later.append((time.monotonic() + 2.0, cell))
+                unit = inflight.pop(ref)
+                outcomes = _outcomes(ref, len(unit))
+                if any(o == "split" for o, _ in outcomes):
+                    print(f"[grid] an array of {len(unit)} runs ran out of device memory "
+                          f"({outcomes[0][1]}); splitting it", file=sys.stderr, flush=True)
+                    for cell in unit:
+                        store.close.remote(cell.run_id)
+                        db.release(cell.run_id, owner)
+                    half = len(unit) // 2
+                    queue.extendleft([unit[half:], unit[:half]])
+                    continue
+                busy = []
+                for cell, (outcome, value) in zip(unit, outcomes, strict=True):
+                    outcome, detail = _finish(db, owner, cell, outcome, value, failed_detail)
+                    store.close.remote(cell.run_id)
+                    progress.cell(cell.run_id, outcome, detail)
+                    if outcome == "busy":
+                        busy.append(cell)
+                if busy:
+                    later.append((time.monotonic() + 2.0, busy))
             if time.monotonic() - beat > LEASE_TTL / 4:  # keep the leases of runs in flight
                 beat = time.monotonic()
-                for cell in inflight.values():
-                    db.heartbeat(cell.run_id, owner)
+                for unit in inflight.values():
+                    for cell in unit:
+                        db.heartbeat(cell.run_id, owner)
     except BaseException:  # Ctrl-C, SIGTERM, a full disk: give the runs back unfinished
-        for cell in inflight.values():
-            try:
-                db.release(cell.run_id, owner)
-            except Exception:
-                pass  # a dead driver's leases are taken over by the next grid anyway
+        for unit in inflight.values():
+            for cell in unit:
+                try:
+                    db.release(cell.run_id, owner)
+                except Exception:
+                    pass  # a dead driver's leases are taken over by the next grid anyway
         raise
     finally:
         db.close()
@@ -299,13 +363,19 @@ def _record(db: ResultsDB, owner: str, event: tuple, by_id: dict[str, RayCell], 
     return key, None
 
 
-def _finish(db: ResultsDB, owner: str, cell: RayCell, ref: Any,
-            failed_detail: Callable[[dict, int], str]) -> tuple[str, str]:
-    """Record a task's outcome; returns (outcome, detail) for the grid's display."""
+def _outcomes(ref: Any, cells: int) -> list[tuple[str, Any]]:
+    """A task's (outcome, value) per cell; a task whose worker or node died more than
+    max_retries times fails all its cells."""
     try:
-        outcome, value = ray.get(ref)
-    except ray.exceptions.RayError as e:  # its worker or node died more than max_retries times
-        outcome, value = "failed", f"worker lost ({type(e).__name__}); a rerun resumes it"
+        value = ray.get(ref)
+    except ray.exceptions.RayError as e:
+        return [("failed", f"worker lost ({type(e).__name__}); a rerun resumes it")] * cells
+    return value if isinstance(value, list) else [value]
+
+
+def _finish(db: ResultsDB, owner: str, cell: RayCell, outcome: str, value: Any,
+            failed_detail: Callable[[dict, int], str]) -> tuple[str, str]:
+    """Record a cell's outcome; returns (outcome, detail) for the grid's display."""
     if outcome == "refused":  # another process took the run over: its lease is no longer ours
         return "busy", ""
     if outcome == "failed":

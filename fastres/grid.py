@@ -400,8 +400,10 @@ def run_local(jobs: list[Job], progress: Progress, poll: float = 2.0,
 
 
 def run_ray(jobs: list[Job], progress: Progress, workers: int | None, runs_per_gpu: int,
-            address: str | None, max_retries: int) -> None:
-    """Cells as Ray tasks (a local cluster unless --ray ADDRESS), each on 1/runs_per_gpu GPU.
+            address: str | None, max_retries: int, sizes: dict[str, int] | None = None
+            ) -> None:
+    """Cells as Ray tasks (a local cluster unless --ray ADDRESS), each on 1/runs_per_gpu GPU;
+    with sizes (see array_units), an array of cells of one structure is one task.
     Only this process (the driver) opens the results folder; tasks report epochs and
     checkpoints back through Ray. A task whose worker or node dies is retried by Ray up to
     max_retries times and resumes from its last committed checkpoint (fastres/cluster.py)."""
@@ -429,9 +431,11 @@ def run_ray(jobs: list[Job], progress: Progress, workers: int | None, runs_per_g
             workers = max(1, gpus * runs_per_gpu) if gpus else 1
         threads = max(1, min(cpus // workers, cpus))
         print(f"[grid] Ray: {workers} worker(s) over {gpus} GPU(s), {cpus} CPU(s)", flush=True)
-        cells = [RayCell(j.run_id, j.cell.label, j.cell.config(j.protocol, j.compute),
-                         j.data, j.max_attempts, j.quiet) for j in jobs]
-        run_cells(cells, jobs[0].results, progress, workers, threads,
+        # One Ray task per unit: a cell, or an array of cells of one structure.
+        units = [[RayCell(j.run_id, j.cell.label, j.cell.config(j.protocol, j.compute),
+                          j.data, j.max_attempts, j.quiet) for j in unit]
+                 for unit in array_units(jobs, sizes or {})]
+        run_cells(units, jobs[0].results, progress, workers, threads,
                   (1 / runs_per_gpu) if gpus else 0, max_retries, failed_detail)
     finally:
         ray.shutdown()
@@ -650,7 +654,8 @@ def _run(args: argparse.Namespace) -> int:
                 print(f"[grid] {spec}: its runs in arrays of up to {n}", flush=True)
         with progress:
             if use_ray:
-                run_ray(jobs, progress, workers, args.runs_per_gpu, args.ray, args.max_retries)
+                run_ray(jobs, progress, workers, args.runs_per_gpu, args.ray, args.max_retries,
+                        sizes)
             else:
                 run_local(jobs, progress, sizes=sizes)
     except DataUnavailable as e:

@@ -210,6 +210,25 @@ def test_smoke_grid_on_two_nodes_equals_local(cluster, cluster_data, audit_root)
     assert_only_driver_wrote(audit_root, remote, {p.pid}, cluster_data)
 
 
+def test_arrays_on_two_nodes_equal_local_runs_one_at_a_time(cluster, cluster_data, audit_root):
+    """--array 2: the smoke grid's 4 cells as two arrays, one Ray task each (one per node);
+    every run's epochs equal the local one-at-a-time grid's bit for bit (the CPU's per-run
+    path), and only the driver writes into the results folder."""
+    local, remote = audit_root / "local-smoke", audit_root / "ray-arrays"
+    if not (local / DB_NAME).exists():
+        finish(spawn(args(cluster_data, local, "--quiet")))
+    p = spawn(args(cluster_data, remote, *on_cluster(cluster), "--array", "2"))
+    out = finish(p, timeout=300)
+    assert "its runs in arrays of up to 2" in out
+    assert rows(remote) == rows(local)
+    assert curves(remote) == curves(local)
+    nodes = {node_of(remote, rid) for rid in rows(remote)}
+    assert nodes == {n.node_id for n in cluster.worker_nodes}, "one array per worker node"
+    envs = [json.loads(e) for (e,) in table(remote, "SELECT environment FROM runs")]
+    assert all(e["array"] == {"runs": 2, "path": "per-run"} for e in envs)
+    assert_only_driver_wrote(audit_root, remote, {p.pid}, cluster_data)
+
+
 def test_node_failure_mid_run_retries_on_the_other_node(cluster, cluster_data, audit_root,
                                                         local_two_cells):
     results = audit_root / "ray-node-failure"
