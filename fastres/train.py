@@ -238,6 +238,8 @@ def train(cfg: TrainConfig, data: BetonPair | None = None,
     env = environment(device)
     if engine.kernel_plan:  # which kernels ran each layer, recorded with the result
         env["kernels"] = engine.kernel_plan
+    if device.type == "cuda":  # what this process has held at most: benchmarks read it
+        env["peak_device_bytes"] = torch.cuda.max_memory_allocated(device)
     if steps.capture_seconds:
         env["graph_capture_seconds"] = round(steps.capture_seconds, 3)
     return RunResult(cfg.to_dict(), status, history, best_acc, best_epoch, loss_at_best,

@@ -309,6 +309,8 @@ def train_array(cfgs: Sequence[TrainConfig], data: BetonPair | None = None,
 
     env = environment(device)
     env["array"] = {"runs": len(runs), "path": path}
+    if device.type == "cuda":  # what this process has held at most: benchmarks read it
+        env["peak_device_bytes"] = torch.cuda.max_memory_allocated(device)
     out: list[RunResult | BaseException] = []
     for run in runs:
         if run.error is not None:
