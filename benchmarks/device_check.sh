@@ -12,7 +12,9 @@
 # benchmarks/kernels.py; loader.py over the training set; epoch_time.py for structure 1, each
 # rung in its own process (a few epochs per rung); then, only in the time the budget has left,
 # benchmarks/arrays.py (structures 1 and 6, R = 1, 2, 5, 10: one training step of R runs one at
-# a time vs one run array, grouped and per-run; at most 90 s). Raw outputs go under $OUT: the
+# a time vs one run array, grouped and per-run; at most 90 s), and grid_throughput.py --arrays 10
+# for structures 1 and 6 (the grid itself, one at a time vs one array of the ten runs, at most
+# 150 s each, ARRAY_STRUCTURES / ARRAY_EPOCHS). Raw outputs go under $OUT: the
 # log, the JSON + Markdown of loader and epoch_time, arrays.md, kernel_table.json (the committed
 # table plus this GPU's entry: copy it to fastres/kernel_table.json to commit it), and one
 # tarball of everything else, arrays.json included (the device tool returns at most 8 files:
@@ -197,6 +199,18 @@ bounded 90 "$RAW/arrays.log" "$PY" benchmarks/arrays.py --structures 1,6 --sizes
   "${SMOKE_FLAG[@]}" --budget-s $(( AR_T > 45 ? AR_T - 25 : 20 )) \
   --json "$RAW/arrays.json" --md "$AR_MD"
 
+step "benchmarks/grid_throughput.py --arrays: a structure's ten runs one at a time vs one array"
+# Issue 10's GPU figure: structures 1 and 6, the grid command itself (--array off vs --array 10),
+# a few epochs on a subset; each row's peak device memory comes from the runs' records.
+for s_ in ${ARRAY_STRUCTURES:-1 6}; do
+  [ "${SMOKE:-0}" = 1 ] && GT_SEL=(--smoke) || GT_SEL=(--structure "$s_" --train-subset 10000 \
+    --test-subset 2000)
+  bounded 150 "$RAW/grid_arrays_$s_.log" "$PY" benchmarks/grid_throughput.py "${GT_SEL[@]}" \
+    --arrays 10 --epochs "${ARRAY_EPOCHS:-3}" --timeout 140 \
+    --json "$RAW/grid_arrays_$s_.json" --md "$RAW/grid_arrays_$s_.md"
+  [ "${SMOKE:-0}" = 1 ] && break
+done
+
 if [ "${TO_BEST:-0}" = 1 ]; then
   step "time to the paper's best: structure 1, SGD, 200 epochs"
   bounded 600 "$RAW/to_best.log" "$PY" benchmarks/epoch_time.py --to-best --structures 1 \
@@ -207,7 +221,7 @@ fi
 step "summary"
 nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv || true
 [ -f "$RAW/kernel_table.log" ] && grep -E '^(\||# kernel table)' "$RAW/kernel_table.log"
-for f in "$OUT/loader.md" "$OUT/epoch_time.md" "$RAW/to_best.md"; do
+for f in "$OUT/loader.md" "$OUT/epoch_time.md" "$RAW"/grid_arrays_*.md "$RAW/to_best.md"; do
   [ -f "$f" ] && cat "$f"
 done
 echo "[device_check] ffcv installed: $FFCV_OK; total $(( $(date +%s) - START )) s"
