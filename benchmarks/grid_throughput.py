@@ -54,6 +54,8 @@ def run_slice(packing: int, args: argparse.Namespace, results: Path, array: int 
         cmd += ["--cache", args.cache]
     if args.device:
         cmd += ["--device", args.device]
+    if args.placement:
+        cmd += ["--placement", args.placement]
     if args.train_subset:
         cmd += ["--train-subset", str(args.train_subset)]
     if args.test_subset:
@@ -111,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default=None)
     ap.add_argument("--cache", default=None)
     ap.add_argument("--device", default=None)
+    ap.add_argument("--placement", choices=("auto", "resident", "stream"), default=None,
+                    help="the grid's --placement for every row (arrays use resident data "
+                    "where it fits; on the CPU one at a time streams by default)")
     ap.add_argument("--train-subset", type=int, default=None)
     ap.add_argument("--test-subset", type=int, default=None)
     ap.add_argument("--timeout", type=float, default=3600)

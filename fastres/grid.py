@@ -468,9 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="give runs that failed --max-retries + 1 times that many attempts again")
     ap.add_argument("--array", default="auto", metavar="auto|off|N",
                     help="train the cells of one structure together as arrays of up to N runs "
-                    "(fastres/train_array.py); auto: on a GPU as many as its memory holds (at "
-                    f"most {AUTO_ARRAY_CAP}), on the CPU one at a time (no faster there); off: "
-                    "one at a time")
+                    "(fastres/train_array.py); auto: as many as the device's memory holds, at "
+                    f"most {AUTO_ARRAY_CAP}; off: one at a time")
     ap.add_argument("--tensorboard", metavar="DIR", help="keep TensorBoard event files of every "
                     "run in DIR current while the grid runs (tensorboard --logdir DIR)")
     add_run_arguments(ap)
@@ -517,14 +516,13 @@ def array_sizes(asked: int | None, configs: dict[str, object], log=print) -> dic
         elif asked is not None:
             sizes[spec] = asked
         elif not cfg.device.startswith("cuda"):
-            sizes[spec] = 1
+            from fastres.train_array import fit_host_array
+
+            sizes[spec] = fit_host_array(cfg, AUTO_ARRAY_CAP, log)
         else:
             from fastres.train_array import fit_array
 
             sizes[spec] = fit_array(cfg, AUTO_ARRAY_CAP, log)
-    if asked is None and any(not c.device.startswith("cuda") for c in configs.values()):
-        log("[grid] --array auto: one run at a time on the CPU, where an array is no faster "
-            "(benchmarks/arrays.py); --array N groups runs anyway")
     return sizes
 
 

@@ -390,3 +390,49 @@ def fit_array(cfg: TrainConfig, cap: int, log: Callable[[str], None] = print) ->
     log(f"[array] {cfg.spec}: {per_run / 2**20:.0f} MiB per run at batch {cfg.batch_size}, "
         f"{free / 2**30:.1f} GiB free: arrays of up to {n}")
     return n
+
+
+def host_bytes_per_run(cfg: TrainConfig) -> int:
+    """What one more run of an array needs in host memory (a CPU array), from the spec: each
+    conv and BN output at cfg's batch size, in fp32, kept for the backward pass and matched by
+    its gradient (x2, and x2 again for the ReLU outputs beside them), plus weights, gradients
+    and two optimizer states (x4)."""
+    model = build(cfg.spec)
+    outputs = 0
+
+    def count(_m, _inp, out: torch.Tensor) -> None:
+        nonlocal outputs
+        outputs += out.numel()
+
+    hooks = [m.register_forward_hook(count) for m in model.modules()
+             if isinstance(m, torch.nn.Conv2d | torch.nn.BatchNorm2d)]
+    with torch.no_grad():
+        model(torch.zeros(1, 3, 32, 32))
+    for h in hooks:
+        h.remove()
+    params = sum(p.numel() for p in model.parameters())
+    return 4 * (4 * outputs * cfg.batch_size + 4 * params)
+
+
+def available_host_bytes() -> int:
+    """MemAvailable from /proc/meminfo (Linux), else the physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def fit_host_array(cfg: TrainConfig, cap: int, log: Callable[[str], None] = print) -> int:
+    """How many runs of cfg's spec one CPU array should hold, from host_bytes_per_run and the
+    host's available memory."""
+    per_run, free = host_bytes_per_run(cfg), available_host_bytes()
+    n = fit_size(per_run, 0, free, cap)
+    log(f"[array] {cfg.spec}: about {per_run / 2**20:.0f} MiB per run at batch "
+        f"{cfg.batch_size}, {free / 2**30:.1f} GiB of host memory available: arrays of up to {n}")
+    return n

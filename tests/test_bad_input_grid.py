@@ -37,17 +37,20 @@ def epochs(results: Path) -> list[int]:
 
 # ---------------------------------------------------------------- 1: failed is never finished
 
-def test_failed_cells_are_reported_failed_until_retried(tiny_betons, tmp_path, monkeypatch,
-                                                        capsys):
+@pytest.mark.parametrize("array", ["off", "2"], ids=["one-at-a-time", "array"])
+def test_failed_cells_are_reported_failed_until_retried(array, tiny_betons, tmp_path,
+                                                        monkeypatch, capsys):
     """As with --device cuda on a machine without a GPU: every cell fails three times; then the
-    fixed command must not say "done" but name the failure, and --retry-failed runs it again."""
+    fixed command must not say "done" but name the failure, and --retry-failed runs it again.
+    Run alone or as one array of both cells: a failed array fails each of its runs."""
     results = tmp_path / "r"
-    base = args(tiny_betons, results, "--augment", "on,off", "--epochs", "1")
+    base = args(tiny_betons, results, "--augment", "on,off", "--epochs", "1", "--array", array)
 
     def broken(*_a, **_k):
         raise RuntimeError("CUDA error: no kernel image is available")
 
     monkeypatch.setattr("fastres.train.train", broken)
+    monkeypatch.setattr("fastres.train_array.train_array", broken)
     for attempt in (1, 2, 3):
         assert main(base) == 1
         err = capsys.readouterr().err
@@ -189,10 +192,11 @@ def _enospc(*_a):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
-def test_disk_full_while_checkpointing_stops_the_grid(tiny_betons, tmp_path, monkeypatch,
+@pytest.mark.parametrize("array", ["off", "2"], ids=["one-at-a-time", "array"])
+def test_disk_full_while_checkpointing_stops_the_grid(array, tiny_betons, tmp_path, monkeypatch,
                                                       capsys):
     results = tmp_path / "r"
-    base = args(tiny_betons, results, "--augment", "on,off", "--epochs", "2")
+    base = args(tiny_betons, results, "--augment", "on,off", "--epochs", "2", "--array", array)
     fsync = os.fsync
 
     def full_for_checkpoints(fd):  # the write of a checkpoint file finds the disk full
@@ -205,10 +209,10 @@ def test_disk_full_while_checkpointing_stops_the_grid(tiny_betons, tmp_path, mon
     err = capsys.readouterr().err
     assert "no space left writing the checkpoint of" in err and str(results) in err
     assert "Traceback" not in err and "inline_container" not in err
-    # The grid stopped at the first cell (its epoch recorded, its state not saved); no cell used
-    # up an attempt or was marked failed.
-    assert sorted(r[1:] for r in runs(results)) == [("interrupted", 0, 2, None),
-                                                    ("pending", 0, 0, None)]
+    # The grid stopped at the first cell (its epoch recorded, its state not saved), or at the
+    # end of the array of both; no cell used up an attempt or was marked failed.
+    second = ("pending", 0, 0, None) if array == "off" else ("interrupted", 0, 2, None)
+    assert sorted(r[1:] for r in runs(results)) == [("interrupted", 0, 2, None), second]
     assert not [p for p in (results / "checkpoints").rglob("*") if p.is_file()]
 
     monkeypatch.undo()  # space freed
