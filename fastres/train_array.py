@@ -31,6 +31,7 @@ from fastres.models import build
 from fastres.records import Checkpointer, EpochMetrics, RunResult, best_of, finite
 from fastres.signals import Interrupted, StopRequest
 from fastres.steps import AMP_DTYPES, Schedule
+from fastres.train import environment, make_loaders
 from fastres.workbench import Workbench
 
 # What every run of one array must share: they are computed by the same kernels, from batches
@@ -154,8 +155,6 @@ def train_array(cfgs: Sequence[TrainConfig], data: BetonPair | None = None,
     of the epoch in flight, then raise Interrupted). on_epoch(i, metrics) after each epoch.
     grouped: the array's compute path (fastres.arrays.ArrayResNet); Triton kernels are always
     grouped."""
-    from fastres.train import environment, make_loaders
-
     asked = [c.placement for c in cfgs]
     cfgs = [c.resolved(log) for c in cfgs]
     check_shared(cfgs)

@@ -197,7 +197,8 @@ def test_a_ray_worker_cannot_open_the_results_folder(cluster, audit_root):
 def test_smoke_grid_on_two_nodes_equals_local(cluster, cluster_data, audit_root):
     local, remote = audit_root / "local-smoke", audit_root / "ray-smoke"
     finish(spawn(args(cluster_data, local, "--quiet")))
-    p = spawn(args(cluster_data, remote, *on_cluster(cluster)))
+    # One cell per task (--array off): the two cells land on the two nodes.
+    p = spawn(args(cluster_data, remote, *on_cluster(cluster), "--array", "off"))
     out = finish(p, timeout=300)
     assert "Ray: 2 worker(s) over 0 GPU(s), 2 CPU(s)" in out
     assert report(remote) == report(local)  # the tables, cell for cell
@@ -229,11 +230,15 @@ def test_arrays_on_two_nodes_equal_local_runs_one_at_a_time(cluster, cluster_dat
     assert_only_driver_wrote(audit_root, remote, {p.pid}, cluster_data)
 
 
-def test_node_failure_mid_run_retries_on_the_other_node(cluster, cluster_data, audit_root,
+@pytest.mark.parametrize("array", ["off", "2"], ids=["one-cell-tasks", "array-task"])
+def test_node_failure_mid_run_retries_on_the_other_node(array, cluster, cluster_data, audit_root,
                                                         local_two_cells):
-    results = audit_root / "ray-node-failure"
+    """A worker node dies mid-run: Ray retries its task on the other node at once, resuming
+    from the last committed states. As one array task (--array 2), both runs die and resume
+    together."""
+    results = audit_root / f"ray-node-failure-{array}"
     p = spawn(args(cluster_data, results, *TWO_CELLS, *EVERY_EPOCH,
-                   *on_cluster(cluster, "--max-retries", "2")))
+                   *on_cluster(cluster, "--max-retries", "2", "--array", array)))
     (run, done), = wait_for(results, "SELECT run_id, epochs_done FROM runs WHERE checkpoint "
                             f"IS NOT NULL AND epochs_done BETWEEN 1 AND {E - 3} LIMIT 1", p)
     dead = node_of(results, run)
@@ -249,19 +254,22 @@ def test_node_failure_mid_run_retries_on_the_other_node(cluster, cluster_data, a
         cluster.wait_for_nodes()
     assert took < 60, f"{took:.0f} s to finish after the node died: a lease TTL waited out?"
     got = rows(results)
-    assert got[run][:3] == ("completed", 2, E), out  # a second attempt, on the other node
-    assert node_of(results, run) != dead
+    died = [run] if array == "off" else list(got)  # an array task holds both runs
+    for r in died:
+        assert got[r][:3] == ("completed", 2, E), out  # a second attempt, on the other node
+        assert node_of(results, r) != dead
     assert all(r[0] == "completed" and r[2] == E for r in got.values())
     assert epoch_lists(results) == {rid: list(range(1, E + 1)) for rid in got}  # each exactly once
     resumed = [line for line in out.splitlines() if "retried by Ray (attempt 2)" in line]
-    assert len(resumed) == 1 and "resuming after epoch 0" not in resumed[0], out
+    assert len(resumed) == len(died), out
+    assert all("resuming after epoch 0" not in line for line in resumed), out
     assert "restarting it from epoch 1" not in out
     after = set(table(results, "SELECT run_id, epoch, committed_at FROM epochs"))
     assert any(r == run for r, _e, _t in before), "the run had committed nothing yet"
     # At most the epoch whose state was still being written when the node died is trained again.
     redone = set(before) - after
-    last = max(e for r, e, _t in before if r == run)
-    assert {(r, e) for r, e, _t in redone} <= {(run, last)}, \
+    last = {r: max((e for q, e, _t in before if q == r), default=0) for r in died}
+    assert {(r, e) for r, e, _t in redone} <= set(last.items()), \
         f"epochs committed before the node died were trained again: {sorted(redone)}"
     # Resumed from its checkpoint, the run is the uninterrupted one bit for bit.
     assert curves(results) == curves(local_two_cells)
