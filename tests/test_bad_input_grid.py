@@ -256,3 +256,46 @@ def test_write_probe_leaves_no_file_on_a_full_disk(tiny_betons, tmp_path, monkey
     assert main(args(tiny_betons, results)) == 2
     assert "error: results folder is full" in capsys.readouterr().err
     assert list(results.iterdir()) == []
+
+
+# ---------------------------------------------------------------- arrays: out of device memory
+
+def test_an_array_out_of_memory_is_split_never_a_crash(tiny_betons, tmp_path, monkeypatch,
+                                                       capsys):
+    """An array that does not fit (here: any of more than 2 runs, after its first epoch is
+    recorded) is given back, attempts not counted, and retried as two halves; the grid
+    finishes every cell and the results are those of the runs alone."""
+    import fastres.train_array
+
+    real = fastres.train_array.train_array
+    tried: list[int] = []
+
+    def small_gpu(cfgs, *a, **k):
+        tried.append(len(cfgs))
+        if len(cfgs) > 2:
+            on_epoch = k.get("on_epoch")
+
+            def oom_after_first_epoch(i, m):
+                if on_epoch is not None:
+                    on_epoch(i, m)
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+
+            return real(cfgs, *a, **{**k, "on_epoch": oom_after_first_epoch})
+        return real(cfgs, *a, **k)
+
+    monkeypatch.setattr(fastres.train_array, "train_array", small_gpu)
+    results = tmp_path / "r"
+    base = args(tiny_betons, results, "--optimizers", "sgd,adam", "--augment", "on,off",
+                "--epochs", "2", "--checkpoint-every", "0")
+    assert main([*base, "--array", "4"]) == 0
+    err = capsys.readouterr().err
+    assert "an array of 4 runs ran out of device memory" in err and "splitting it" in err
+    assert tried == [4, 2, 2]
+    assert [r[1:5] for r in runs(results)] == [("completed", 1, 2, None)] * 4
+    alone = tmp_path / "alone"
+    monkeypatch.undo()
+    assert main(args(tiny_betons, alone, "--optimizers", "sgd,adam", "--augment", "on,off",
+                     "--epochs", "2", "--array", "off")) == 0
+    curve = "SELECT r.label, e.epoch, e.train_loss, e.test_loss FROM epochs e JOIN runs r " \
+        "USING (run_id) ORDER BY r.label, e.epoch"
+    assert table(results, curve) == table(alone, curve)

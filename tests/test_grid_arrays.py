@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .conftest import stable_seed
-from .test_fast_path import rows, spawn
+from .test_fast_path import epochs_recorded, rows, spawn
 from .test_grid import grid_data  # noqa: F401  (module fixture)
 
 CELLS = 4  # sgd, adam x augmentation on, off
@@ -40,13 +40,6 @@ def curves(results: Path) -> list[tuple]:
 def runs(results: Path) -> list[tuple]:
     return rows(results, "SELECT optimizer, augment, status, epochs_done, lease_owner, "
                 "best_acc, best_epoch, loss_at_best FROM runs ORDER BY optimizer, augment")
-
-
-def epochs_recorded(results: Path) -> int:
-    try:
-        return rows(results, "SELECT COUNT(*) FROM epochs")[0][0]
-    except Exception:  # not created yet
-        return 0
 
 
 def test_array_off_and_array_4_give_the_same_results(grid_data, tmp_path):  # noqa: F811
