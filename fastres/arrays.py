@@ -190,13 +190,18 @@ class ArrayResNet(nn.Module):
         """Run r's part of the stacked `tensor` (state key `key`): a view sharing storage."""
         return tensor.view(self.runs, *self.solo_shapes[key])[r]
 
+    def run_views(self, r: int) -> dict[str, torch.Tensor]:
+        """Run r's state_dict under the paper's keys as detached views into the array: for a
+        copy made at once (fastres.checkpoints.BestWeights); later steps change them."""
+        if not 0 <= r < self.runs:
+            raise IndexError(f"run {r} of an array of {self.runs}")
+        return {k: self.run_view(k, v.detach(), r) for k, v in self.state_dict().items()}
+
     def run_state(self, r: int) -> dict[str, torch.Tensor]:
         """Run r's state_dict under the paper's keys, as build(spec).state_dict() has it.
         The tensors are detached clones: a snapshot that later steps do not change, and that
         torch.save writes alone (a view would write the whole array's storage)."""
-        if not 0 <= r < self.runs:
-            raise IndexError(f"run {r} of an array of {self.runs}")
-        return {k: self.run_view(k, v.detach(), r).clone() for k, v in self.state_dict().items()}
+        return {k: v.clone() for k, v in self.run_views(r).items()}
 
     @torch.no_grad()
     def load_runs(self, states: Sequence[dict[str, torch.Tensor]]) -> None:

@@ -166,81 +166,66 @@ class RemoteCheckpointer:
         ray.get(self.store.save.remote(self.run_id, self.attempt, epoch, state, best))
 
 
-def run_cell(cell: RayCell, store: Any, threads: int) -> tuple[str, RunResult | str]:
-    """The Ray task: train one cell through the store. Returns (status, RunResult), or
-    ('failed', error) for a run that raised, or ('refused', why) when the driver refused it."""
+def _refused_or_failed(e: BaseException) -> tuple[str, str]:
+    cause = e.cause if isinstance(e, ray.exceptions.RayTaskError) else e
+    if isinstance(cause, StoreRefused):
+        return "refused", str(cause)
+    return "failed", f"{type(cause).__name__}: {cause}"
+
+
+def run_unit(cells: list[RayCell], store: Any, threads: int
+             ) -> list[tuple[str, RunResult | str]]:
+    """The Ray task: train one cell (fastres.train), or the cells of one spec as one run array
+    (fastres.train_array), through the store. Per cell (status, RunResult), ('failed', error)
+    for a run that raised, or ('refused', why) when the driver refused it (in an array, that
+    run leaves alone); ('split', why) for every cell when an array ran out of device memory
+    (the driver retries it in halves)."""
     import torch
 
     from fastres.train import train
-    from fastres.workbench import for_device
-
-    torch.set_num_threads(threads)
-    where = {"ray_node_id": ray.get_runtime_context().get_node_id(),
-             "host": socket.gethostname(), "pid": os.getpid()}
-    log = (lambda _m: None) if cell.quiet else (lambda m: print(m, flush=True))
-    try:
-        # Ray reuses a worker process for later tasks: its workbench stays warm across cells.
-        result = train(cell.config, data=cell.data, on_epoch=None,
-                       log=lambda m: None if m.startswith("epoch") else log(m),
-                       checkpoint=RemoteCheckpointer(store, cell.run_id, where),
-                       bench=for_device(device_or_default(cell.config.device)))
-    except StoreRefused as e:
-        return "refused", str(e)
-    except ray.exceptions.RayTaskError as e:
-        if isinstance(e.cause, StoreRefused):
-            return "refused", str(e.cause)
-        return "failed", f"{type(e.cause).__name__}: {e.cause}"
-    except Exception as e:  # the grid goes on; the error is recorded with the run
-        return "failed", f"{type(e).__name__}: {e}"
-    result.environment["ray"] = where
-    return result.status, result
-
-
-
-
-def run_array_cells(cells: list[RayCell], store: Any, threads: int
-                    ) -> list[tuple[str, RunResult | str]]:
-    """The Ray task of an array: the cells (one spec) trained as one run array through the
-    store (fastres.train_array). Per cell what run_cell returns; a cell the driver refused
-    leaves the array alone; ('split', why) for every cell when the array ran out of device
-    memory (the driver retries it in halves)."""
-    import torch
-
     from fastres.train_array import train_array
     from fastres.workbench import for_device
 
     torch.set_num_threads(threads)
     where = {"ray_node_id": ray.get_runtime_context().get_node_id(),
              "host": socket.gethostname(), "pid": os.getpid()}
-    log = (lambda _m: None) if cells[0].quiet else (lambda m: print(m, flush=True))
-    cfgs = [c.config for c in cells]
+
+    def log(message: str) -> None:  # epoch lines reach the driver through the store
+        if not cells[0].quiet and not message.startswith("epoch"):
+            print(message, flush=True)
+
+    stores = [RemoteCheckpointer(store, c.run_id, where) for c in cells]
+    # Ray reuses a worker process for later tasks: its workbench stays warm across cells.
+    bench = for_device(device_or_default(cells[0].config.device))
     try:
-        results = train_array(cfgs, data=cells[0].data,
-                              log=lambda m: None if m.startswith("epoch") else log(m),
-                              checkpoints=[RemoteCheckpointer(store, c.run_id, where)
-                                           for c in cells],
-                              bench=for_device(device_or_default(cfgs[0].device)),
-                              isolate=(StoreRefused, ray.exceptions.RayTaskError))
+        if len(cells) == 1:
+            results = [train(cells[0].config, data=cells[0].data, on_epoch=None, log=log,
+                             checkpoint=stores[0], bench=bench)]
+        else:
+            results = train_array([c.config for c in cells], data=cells[0].data, log=log,
+                                  checkpoints=stores, bench=bench,
+                                  isolate=(StoreRefused, ray.exceptions.RayTaskError))
     except torch.cuda.OutOfMemoryError as e:
+        if len(cells) == 1:
+            return [_refused_or_failed(e)]
         return [("split", str(e).splitlines()[0])] * len(cells)
     except Exception as e:  # the grid goes on; the error is recorded with each run
-        return [("failed", f"{type(e).__name__}: {e}")] * len(cells)
+        return [_refused_or_failed(e)] * len(cells)
     out: list[tuple[str, RunResult | str]] = []
     for result in results:
         if isinstance(result, BaseException):
-            cause = getattr(result, "cause", result)
-            out.append(("refused", str(cause)) if isinstance(cause, StoreRefused)
-                       else ("failed", f"{type(cause).__name__}: {cause}"))
+            out.append(_refused_or_failed(result))
         else:
             result.environment["ray"] = where
             out.append((result.status, result))
     return out
 
+
 def run_cells(units: list[list[RayCell]], results: str, progress: Any, workers: int,
               threads: int, num_gpus: float, max_retries: int,
               failed_detail: Callable[[dict, int], str], poll: float = 1.0) -> None:
-    """The driver's loop (ray.init done): lease, submit at most `workers` tasks at once (a
-    unit of one cell is a run_cell task, a larger unit one run_array_cells task), record the
+    """The driver's loop (ray.init done): lease, submit at most `workers` tasks at once (one
+    run_unit task per unit: a cell or an array of cells), record the
     events the store relays, record each cell's outcome. `progress` has the grid's
     Progress.epoch(run_id, metrics) and .cell(run_id, outcome, detail)."""
     db = ResultsDB(results)
@@ -249,10 +234,9 @@ def run_cells(units: list[list[RayCell]], results: str, progress: Any, workers: 
     store = RunStore.options(
         scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
         runtime_env=WORKER_RUNTIME_ENV).remote()
-    options = dict(num_cpus=threads, num_gpus=num_gpus, max_retries=max_retries,
-                   retry_exceptions=False, runtime_env=WORKER_RUNTIME_ENV)
-    task = ray.remote(run_cell).options(**options)
-    array_task = ray.remote(run_array_cells).options(**options)
+    task = ray.remote(run_unit).options(
+        num_cpus=threads, num_gpus=num_gpus, max_retries=max_retries, retry_exceptions=False,
+        runtime_env=WORKER_RUNTIME_ENV)
 
     def warn(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
@@ -285,10 +269,8 @@ def run_cells(units: list[list[RayCell]], results: str, progress: Any, workers: 
                         busy.append(cell)
                 if busy:
                     later.append((now + 2.0, busy))
-                if len(got_cells) == 1:
-                    inflight[task.remote(got_cells[0], store, threads)] = got_cells
-                elif got_cells:
-                    inflight[array_task.remote(got_cells, store, threads)] = got_cells
+                if got_cells:
+                    inflight[task.remote(got_cells, store, threads)] = got_cells
             ready, _ = ray.wait([events, *inflight], num_returns=1,
                                 timeout=None if inflight else poll)
             if events in ready:
@@ -367,10 +349,9 @@ def _outcomes(ref: Any, cells: int) -> list[tuple[str, Any]]:
     """A task's (outcome, value) per cell; a task whose worker or node died more than
     max_retries times fails all its cells."""
     try:
-        value = ray.get(ref)
+        return ray.get(ref)
     except ray.exceptions.RayError as e:
         return [("failed", f"worker lost ({type(e).__name__}); a rerun resumes it")] * cells
-    return value if isinstance(value, list) else [value]
 
 
 def _finish(db: ResultsDB, owner: str, cell: RayCell, outcome: str, value: Any,

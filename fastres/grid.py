@@ -191,76 +191,15 @@ def failed_detail(row: dict, max_attempts: int) -> str:
     return f"failed after {n} attempt{'s' if n != 1 else ''}: {row['error']}; {then}"
 
 
-def run_job(job: Job, on_epoch=None, threads: int | None = None) -> tuple[str, str]:
-    """Lease, train (resuming if there is a checkpoint) and record one cell. Returns the outcome,
-    'completed', 'diverged', 'failed', 'done' (finished before) or 'busy' (another live process
-    has it), and for 'failed' a line saying why. A full disk (DiskFull) or a signal (Interrupted)
-    gives the run back unfinished, its attempt not counted, and is raised: the grid stops."""
-    import torch
-
-    from fastres.results import (
-        DiskFull,
-        Heartbeat,
-        LeaseLost,
-        ResultsDB,
-        ResultsError,
-        RunCheckpointer,
-        new_owner,
-    )
-    from fastres.train import train
-    from fastres.workbench import for_device
-
-    if threads:
-        torch.set_num_threads(threads)
-    db = ResultsDB(job.results)
-    owner = new_owner()
-    try:
-        got = db.acquire(job.run_id, owner, max_attempts=job.max_attempts)
-        if got == "failed":  # at the retry cap: failed, never "done"
-            return got, failed_detail(db.run(job.run_id), job.max_attempts)
-        if got != "acquired":
-            return got, ""
-        cfg = job.cell.config(job.protocol, job.compute)
-        log = (lambda _m: None) if job.quiet else (lambda m: print(m, flush=True))
-
-        def warn(message: str) -> None:  # printed even when quiet
-            print(message, file=sys.stderr, flush=True)
-
-        epoch_log = (lambda m: None) if on_epoch is None else (lambda m: on_epoch(job.run_id, m))
-        with Heartbeat(db.folder, job.run_id, owner) as beat:
-            try:
-                # The process's workbench: data resident and engines warm across its cells.
-                bench = for_device(device_or_default(cfg.device))
-                result = train(cfg, data=job.data, on_epoch=epoch_log,
-                               log=lambda m: None if m.startswith("epoch") else log(m),
-                               checkpoint=RunCheckpointer(db, job.run_id, owner, warn),
-                               bench=bench)
-            except LeaseLost:
-                return "busy", ""
-            except DiskFull:
-                raise  # every other cell would fail the same way
-            except Exception as e:  # the grid goes on; the error is recorded with the run
-                db.fail(job.run_id, owner, f"{type(e).__name__}: {e}")
-                return "failed", failed_detail(db.run(job.run_id), job.max_attempts)
-            if beat.lost:
-                return "busy", ""
-        db.finish(job.run_id, owner, result)
-        return result.status, ""
-    except (KeyboardInterrupt, DiskFull):  # Interrupted is a KeyboardInterrupt
-        try:
-            db.release(job.run_id, owner)  # a no-op unless this owner holds the lease
-        except (sqlite3.Error, ResultsError):
-            pass  # the lease of a dead owner is taken over by the next grid anyway
-        raise
-    finally:
-        db.close()
-
-
-def run_array_job(jobs: list[Job], on_epoch=None) -> list[tuple[str, str, str]]:
-    """Lease the cells of one array (same spec and protocol), train those it got as one run
-    array (fastres.train_array), record each. Returns (run_id, outcome, detail) per cell, the
-    outcomes of run_job, plus 'split' for the cells of an array that ran out of device memory
-    (given back unfinished, their attempts not counted: the caller retries them in halves)."""
+def run_unit(jobs: list[Job], on_epoch=None) -> list[tuple[str, str, str]]:
+    """Lease the cells of one unit (one cell, or an array of cells of one spec and protocol),
+    train those it got (one alone through fastres.train, several as one run array through
+    fastres.train_array) and record each. Returns (run_id, outcome, detail) per cell: outcome
+    'completed', 'diverged', 'failed' (detail: why), 'done' (finished before), 'busy' (another
+    live process has it), or 'split' for the cells of an array that ran out of device memory
+    (given back unfinished, their attempts not counted: the caller retries them in halves).
+    A full disk (DiskFull) or a signal (Interrupted) gives the runs back unfinished, their
+    attempts not counted, and is raised: the grid stops."""
     import contextlib
 
     import torch
@@ -274,6 +213,7 @@ def run_array_job(jobs: list[Job], on_epoch=None) -> list[tuple[str, str, str]]:
         RunCheckpointer,
         new_owner,
     )
+    from fastres.train import train
     from fastres.train_array import train_array
     from fastres.workbench import for_device
 
@@ -292,44 +232,54 @@ def run_array_job(jobs: list[Job], on_epoch=None) -> list[tuple[str, str, str]]:
                 out[job.run_id] = got, ""
         if acquired:
             quiet = acquired[0].quiet
-            log = (lambda _m: None) if quiet else (lambda m: print(m, flush=True))
+
+            def quiet_epochs(message: str) -> None:  # epoch lines are the grid's to show
+                if not quiet and not message.startswith("epoch"):
+                    print(message, flush=True)
 
             def warn(message: str) -> None:  # printed even when quiet
                 print(message, file=sys.stderr, flush=True)
 
             cfgs = [j.cell.config(j.protocol, j.compute) for j in acquired]
-            epoch_log = None if on_epoch is None else \
-                (lambda i, m: on_epoch(acquired[i].run_id, m))
+            stores = [RunCheckpointer(db, j.run_id, owner, warn) for j in acquired]
+            # The process's workbench: data resident and engines warm across its cells.
+            bench = for_device(device_or_default(cfgs[0].device))
             with contextlib.ExitStack() as stack:
                 beats = [stack.enter_context(Heartbeat(db.folder, j.run_id, owner))
                          for j in acquired]
+                results: list = []  # empty after an error that ended the unit (recorded here)
                 try:
-                    results = train_array(
-                        cfgs, data=acquired[0].data, on_epoch=epoch_log,
-                        log=lambda m: None if m.startswith("epoch") else log(m),
-                        checkpoints=[RunCheckpointer(db, j.run_id, owner, warn)
-                                     for j in acquired],
-                        bench=for_device(device_or_default(cfgs[0].device)),
-                        isolate=(LeaseLost,))
-                except torch.cuda.OutOfMemoryError as e:
                     if len(acquired) == 1:
-                        raise
-                    print(f"[grid] an array of {len(acquired)} runs ran out of device memory "
-                          f"({str(e).splitlines()[0]}); splitting it", file=sys.stderr,
-                          flush=True)
-                    for j in acquired:
-                        db.release(j.run_id, owner)
-                        out[j.run_id] = "split", ""
-                    results = []
+                        rid = acquired[0].run_id
+                        try:
+                            results = [train(cfgs[0], data=acquired[0].data, bench=bench,
+                                             on_epoch=None if on_epoch is None else
+                                             (lambda m: on_epoch(rid, m)),
+                                             log=quiet_epochs, checkpoint=stores[0])]
+                        except LeaseLost as e:
+                            results = [e]
+                    else:
+                        results = train_array(
+                            cfgs, data=acquired[0].data, log=quiet_epochs, bench=bench,
+                            on_epoch=None if on_epoch is None else
+                            (lambda i, m: on_epoch(acquired[i].run_id, m)),
+                            checkpoints=stores, isolate=(LeaseLost,))
                 except DiskFull:
                     raise  # every other cell would fail the same way
                 except Exception as e:  # the grid goes on; the error is recorded with each run
+                    split = isinstance(e, torch.cuda.OutOfMemoryError) and len(acquired) > 1
+                    if split:
+                        print(f"[grid] an array of {len(acquired)} runs ran out of device "
+                              f"memory ({str(e).splitlines()[0]}); splitting it",
+                              file=sys.stderr, flush=True)
                     for j in acquired:
-                        db.fail(j.run_id, owner, f"{type(e).__name__}: {e}")
-                        out[j.run_id] = "failed", failed_detail(db.run(j.run_id),
-                                                                j.max_attempts)
-                    results = []
-            # results is empty after an error that ended the whole array (recorded above).
+                        if split:
+                            db.release(j.run_id, owner)
+                            out[j.run_id] = "split", ""
+                        else:
+                            db.fail(j.run_id, owner, f"{type(e).__name__}: {e}")
+                            out[j.run_id] = "failed", failed_detail(db.run(j.run_id),
+                                                                    j.max_attempts)
             for j, beat, result in zip(acquired, beats, results, strict=False):
                 if isinstance(result, LeaseLost) or beat.lost:
                     out[j.run_id] = "busy", ""
@@ -381,11 +331,7 @@ def run_local(jobs: list[Job], progress: Progress, poll: float = 2.0,
             unit = queue.pop(0)
             for job in unit:
                 progress.start(job.run_id)
-            if len(unit) == 1:
-                outcome, detail = run_job(unit[0], on_epoch=progress.epoch)
-                outcomes = [(unit[0].run_id, outcome, detail)]
-            else:
-                outcomes = run_array_job(unit, on_epoch=progress.epoch)
+            outcomes = run_unit(unit, on_epoch=progress.epoch)
             if any(o == "split" for _, o, _ in outcomes):
                 half = len(unit) // 2
                 queue[:0] = [unit[:half], unit[half:]]

@@ -334,7 +334,7 @@ def _after_epoch(array: Array, i: int, m: EpochMetrics, stop: object) -> None:
     run.checkpoint.record(m)
     if finite(m) and (run.best_acc is None or m.test_acc > run.best_acc):
         run.best_acc = m.test_acc
-        run.best.update(m.epoch, array.model.run_state(i))
+        run.best.update(m.epoch, array.model.run_views(i))  # copied into its buffers
     if run.cfg.checkpoint_every == 0:  # every epoch's state, as the flag says
         run.saver.writer.wait()
     run.saver.epoch_end(m.epoch, lambda: array.state(i), run.best)
