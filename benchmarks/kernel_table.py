@@ -4,11 +4,17 @@
     python benchmarks/kernel_table.py --structures 1,6 --out /tmp/kernel_table.json
     python benchmarks/kernel_table.py --smoke --out /tmp/x.json    # CPU dry run (tests)
 
-For each structure it times one training step as fastres.train runs it uncompiled (forward and
-backward under bf16 autocast, channels-last, cross-entropy, SGD with Table 2's settings and
-coupled weight decay, batch 128, one fixed random batch on the device), first with the eager
-model and then with `fastres.models.build(spec, kernels="triton")`: warm-up steps (Triton's
-compilation, cuDNN's algorithm search), then the median of --steps steps timed with CUDA events.
+For each structure it times one training step in the configuration `--kernels auto` hands it
+to: an engine from fastres.workbench, as fastres.train builds one (on a GPU: bf16 autocast,
+channels-last, torch.compile, the whole step captured in a CUDA graph with fused SGD inside and
+the rate in a device tensor), stepped through fastres.steps.Steps.train, so what is timed is a
+graph replay, where launch cost, the largest difference between eager and fused kernels, is
+gone. Table 2's SGD with coupled weight decay, batch 128, one fixed random batch on the device
+in the dtype and layout the loaders deliver; first with kernels="eager", then "triton". Warm-up
+steps first (compilation, cuDNN's search, the graph's warm-up and capture: at least
+Steps.warm + 1 on a graphed engine), then the median of --steps steps timed with CUDA events.
+Each model gets a fresh torch.compile (torch._dynamo.reset()), so no recompile limit or cache
+carries over from the one before.
 
 It writes the entry for this device (torch.cuda.get_device_name) into the table at --out,
 default the package's fastres/kernel_table.json, replacing any earlier entry for the same
@@ -20,9 +26,9 @@ fastres.kernel_choice never picks triton on this device. The table is rewritten 
 structure, so a run cut short keeps what it measured.
 
 No GPU: it refuses (exit 2), except with --smoke, which times fastres.protocol.SMOKE_SPEC on the
-CPU with the eager model only and writes an entry for the device "cpu-smoke" into --out (never
-into the package's table): the figures mean nothing, only that the script runs and the table it
-writes is well formed.
+CPU with the eager model only (the CPU engine: fp32, NCHW, uncompiled, ungraphed) and writes an
+entry for the device "cpu-smoke" into --out (never into the package's table): the figures mean
+nothing, only that the script runs and the table it writes is well formed.
 """
 
 from __future__ import annotations
@@ -37,23 +43,25 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402  (also puts the checkout on sys.path)
 
+from fastres.config import TrainConfig  # noqa: E402
 from fastres.kernel_choice import (  # noqa: E402
     TABLE_PATH,
     KernelTableError,
     check_table,
     load_table,
 )
-from fastres.models import build  # noqa: E402
 from fastres.protocol import SMOKE_SPEC  # noqa: E402
-from fastres.steps import make_optimizer  # noqa: E402
+from fastres.steps import AMP_DTYPES  # noqa: E402
 from fastres.structures import STRUCTURES, ResNetSpec, SpecError  # noqa: E402
+from fastres.workbench import Workbench  # noqa: E402
 
 SMOKE_DEVICE = "cpu-smoke"
+# The compute settings a timed step records (what fastres.train resolves on the device).
+COMPUTE = ("precision", "channels_last", "compile", "graphs")
 COMMENT = ("Per-device training-step times, eager vs fastres's Triton kernels, read by "
            "`--kernels auto` (fastres/kernel_choice.py). Written on a GPU by "
            "benchmarks/kernel_table.py, which benchmarks/device_check.sh runs after the native "
@@ -128,32 +136,39 @@ def refusal(args: argparse.Namespace) -> str | None:
     return None
 
 
+def step_config(spec: ResNetSpec, kernels: str, device: torch.device, batch: int
+                ) -> TrainConfig:
+    """The run configuration whose step is timed: fastres.train's defaults on this device (on a
+    GPU bf16, channels-last, compiled, graphed), SGD, the given kernels and batch size."""
+    return TrainConfig(spec=spec, structure=None, optimizer="sgd", kernels=kernels,
+                       device=str(device), batch_size=batch).resolved(log=lambda _m: None)
+
+
 def time_step(spec: ResNetSpec, kernels: str, device: torch.device, batch: int, warmup: int,
               steps: int) -> dict:
-    """{"step_ms": median ms of a training step, "warmup_s": the warm-up's seconds}."""
+    """{"step_ms": median ms of a training step, "warmup_s": the warm-up's seconds, "config":
+    the compute settings it ran with}."""
     gpu = device.type == "cuda"
-    torch.manual_seed(0)
-    model = build(spec, kernels=kernels, device=device).to(device)
-    # As fastres.train on a GPU: channels-last and bf16 autocast. On the CPU (smoke) neither:
-    # train() switches channels-last off there, and fp32 is its CPU default.
-    memory_format = torch.channels_last if gpu else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
-    amp = torch.bfloat16 if gpu else None
-    opt = make_optimizer("sgd", model.parameters())
+    if gpu:
+        torch._dynamo.reset()  # this model's own compile: nothing cached from the one before
+    cfg = step_config(spec, kernels, device, batch)
+    engine, _warm = Workbench(device).engine(cfg, log=lambda _m: None)
+    engine.start_run(cfg)
+    runner = engine.steps
+    if runner.graphs:  # the warm-ups and the capture happen before anything is timed
+        warmup = max(warmup, runner.warm + 1)
+    # The batch as the loaders deliver it: the run's dtype and memory layout.
+    dtype = AMP_DTYPES[cfg.precision] or torch.float32
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     gen = torch.Generator(device=device).manual_seed(0)
-    images = torch.randn(batch, 3, 32, 32, device=device, generator=gen).contiguous(
+    images = torch.randn(batch, 3, 32, 32, device=device, generator=gen).to(dtype).contiguous(
         memory_format=memory_format)
     labels = torch.randint(0, 10, (batch,), device=device, generator=gen)
-    model.train()
-    losses: list[torch.Tensor] = []
+    engine.model.train()
+    runner.reset_sums()
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss = F.cross_entropy(model(images), labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.detach())
+        runner.train(images, labels)
 
     t0 = time.perf_counter()
     for _ in range(warmup):
@@ -161,10 +176,11 @@ def time_step(spec: ResNetSpec, kernels: str, device: torch.device, batch: int, 
     _common.sync(device)
     warmup_s = time.perf_counter() - t0
     times = (_common._time_cuda(step, steps) if gpu else _common._time_host(step, steps))
-    last = float(losses[-1])
-    if not math.isfinite(last):  # a kernel that computes garbage must not win on speed
-        raise FloatingPointError(f"loss is {last} after {warmup + steps} steps")
-    return {"step_ms": statistics.median(times) * 1e3, "warmup_s": warmup_s}
+    loss_sum = runner.sums()[0]
+    if not math.isfinite(loss_sum):  # a kernel that computes garbage must not win on speed
+        raise FloatingPointError(f"loss sum is {loss_sum} after {warmup + steps} steps")
+    return {"step_ms": statistics.median(times) * 1e3, "warmup_s": warmup_s,
+            "config": {k: getattr(cfg, k) for k in COMPUTE}}
 
 
 def base_table(out: Path, smoke: bool) -> dict:
@@ -225,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as fastres.train sets it on a GPU
     env = _common.environment(device)
+    defaults = step_config(ResNetSpec.parse(SMOKE_SPEC), "eager", device, batch)
     try:
         import triton
 
@@ -243,9 +260,11 @@ def main(argv: list[str] | None = None) -> int:
         "command": env["command"],
         "equivalence_tests_passed": bool(args.equivalence_passed) and not smoke,
         "equivalence_tests": args.equivalence_summary,
+        # What fastres.train runs on this device; each row's own "config" says what it ran.
         "settings": {"batch": batch, "warmup_steps": warmup, "timed_steps": steps,
-                     "statistic": "median", "precision": "bf16" if not smoke else "fp32",
-                     "channels_last": not smoke, "compile": False, "optimizer": "sgd"},
+                     "statistic": "median", "optimizer": "sgd",
+                     "step": "fastres.workbench engine, Steps.train (a graph replay when graphed)",
+                     **{k: getattr(defaults, k) for k in COMPUTE}},
         "structures": {},
     }
     table["entries"] = [e for e in table["entries"] if e.get("device_name") != name] + [entry]
@@ -266,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                 r = time_step(spec, kernels, device, batch, warmup, steps)
                 row[f"{kernels}_step_ms"] = r["step_ms"]
                 row[f"{kernels}_warmup_s"] = r["warmup_s"]
+                row[f"{kernels}_config"] = r["config"]
             except Exception as e:  # recorded in the row; the other structures still run
                 failed = True
                 row[f"{kernels}_step_ms"] = None
