@@ -14,12 +14,14 @@ and a cached pair is checked on open (sample count, image shape) and rebuilt if 
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import io
 import json
 import os
 import pickle
+import stat
 import tarfile
 import warnings
 import zlib
@@ -133,6 +135,13 @@ def identity(kind: str, root: Path) -> str:
                 if p.is_file():
                     st = p.stat()
                     h.update(f"{p.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        # Images below a class folder's top level were left out before they were read at any
+        # depth: such a tree gets a key of its own, so neither its cached betons nor its results
+        # are those of the conversion that missed them. (Also finds broken links before any
+        # conversion starts.)
+        if any(len(f.relative_to(c).parts) > 1 for split in ("train", "test")
+               for c in (root / split).iterdir() if c.is_dir() for f in _image_files(c, root)):
+            h.update(b"images at any depth")
     for f in files:
         with open(f, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):  # noqa: B023
@@ -156,10 +165,25 @@ def _decode(data: bytes, name: str) -> np.ndarray:
     return img
 
 
-def _stack(images: list[np.ndarray], labels: list[int], what: str) -> tuple[np.ndarray, np.ndarray]:
+def _stack(images: list[np.ndarray], labels: list[int], what: str,
+           classes: list[str] | None = None, log=None) -> tuple[np.ndarray, np.ndarray]:
+    """Images and labels as arrays. With `classes` (the label's names), a class without images
+    is refused (training would go on with nine, without a word), and `log` is told how many
+    images each class has."""
     if not images:
         raise DataError(f"{what} holds no images")
-    return np.stack(images), np.asarray(labels, dtype=np.int64)
+    y = np.asarray(labels, dtype=np.int64)
+    if classes is not None:
+        counts = np.bincount(y, minlength=len(classes))
+        empty = [c for c, n in zip(classes, counts, strict=True) if n == 0]
+        if empty:
+            raise DataError(f"{what}: class {', '.join(empty)} has no images (looked for "
+                            f"{', '.join(IMAGE_SUFFIXES)} files at any depth under its folder); "
+                            f"every class needs images in train/ and test/")
+        if log is not None:
+            log(f"[data] {what}: {len(y)} images, "
+                + ", ".join(f"{c} {n}" for c, n in zip(classes, counts, strict=True)))
+    return np.stack(images), y
 
 
 def read_cifar_python(root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -202,7 +226,55 @@ def _class_index(train: set[str], test: set[str], where: str) -> dict[str, int]:
     return {c: i for i, c in enumerate(tr)}
 
 
-def read_imagefolder(root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def _broken_link(path: Path, root: Path) -> DataError:
+    """The error for a link under a data tree that leads nowhere (dangling, or a loop)."""
+    try:
+        path.stat()
+        what = "cannot be read"
+    except OSError as e:
+        what = ("is a symbolic link loop" if e.errno == errno.ELOOP else
+                f"is a dangling symbolic link (to {os.readlink(path)}, which does not exist)"
+                if e.errno == errno.ENOENT else f"cannot be read ({e.strerror})")
+    return DataError(f"--data {root}: {path.relative_to(root)} {what}; remove it or fix it, "
+                     "then rerun (fastres refuses a tree with broken files rather than train on "
+                     "part of it)")
+
+
+def _image_files(folder: Path, root: Path) -> list[Path]:
+    """The images under a class folder at any depth, as torchvision's ImageFolder finds them
+    (links to folders followed), sorted by path (as an archive of the tree is read). A broken
+    link, or a folder link back into its own ancestry (walked forever otherwise), is a
+    DataError naming it."""
+    found: list[Path] = []
+
+    def walk(d: Path, ancestors: frozenset) -> None:
+        try:
+            entries = list(os.scandir(d))
+        except OSError as e:
+            raise DataError(f"--data {root}: cannot read folder {d.relative_to(root)} "
+                            f"({e.strerror})") from None
+        for e in entries:
+            p = Path(e.path)
+            try:
+                st = p.stat()  # follows links: a dangling one or a loop fails here
+            except OSError:
+                raise _broken_link(p, root) from None
+            if stat.S_ISDIR(st.st_mode):
+                if (st.st_dev, st.st_ino) in ancestors:
+                    raise DataError(f"--data {root}: {p.relative_to(root)} links back to a folder "
+                                    "above it (a loop); remove the link, then rerun")
+                walk(p, ancestors | {(st.st_dev, st.st_ino)})
+            elif p.suffix.lower() in IMAGE_SUFFIXES:
+                found.append(p)
+
+    # The folders above it up to the tree's root count as its ancestry: a link to train/ would
+    # otherwise add the other classes' images to this one.
+    above = [folder, *(root / d for d in folder.relative_to(root).parents)]
+    walk(folder, frozenset((st.st_dev, st.st_ino) for st in (d.stat() for d in above)))
+    return sorted(found, key=lambda p: p.relative_to(folder).parts)
+
+
+def read_imagefolder(root: Path, log=None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     folders = {split: sorted(p for p in (root / split).iterdir() if p.is_dir())
                for split in ("train", "test")}
     classes = _class_index({p.name for p in folders["train"]}, {p.name for p in folders["test"]},
@@ -211,11 +283,15 @@ def read_imagefolder(root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     for split in ("train", "test"):
         images, labels = [], []
         for cdir in folders[split]:
-            for f in sorted(cdir.iterdir()):
-                if f.suffix.lower() in IMAGE_SUFFIXES:
-                    images.append(_decode(f.read_bytes(), str(f)))
-                    labels.append(classes[cdir.name])
-        out[split] = _stack(images, labels, str(root / split))
+            for f in _image_files(cdir, root):
+                try:
+                    data = f.read_bytes()
+                except OSError as e:
+                    raise DataError(f"--data {root}: cannot read {f.relative_to(root)} "
+                                    f"({e.strerror})") from None
+                images.append(_decode(data, str(f)))
+                labels.append(classes[cdir.name])
+        out[split] = _stack(images, labels, str(root / split), list(classes), log)
     return out
 
 
@@ -227,11 +303,14 @@ def _tar_members(path: Path) -> Iterator[tuple[str, str, str, bytes]]:
                 if not m.isfile():
                     continue
                 parts = Path(m.name).parts
-                if len(parts) == 4 and parts[1] in ("train", "test"):
+                if len(parts) >= 4 and parts[0] not in ("train", "test") \
+                        and parts[1] in ("train", "test"):
                     parts = parts[1:]  # e.g. cifar10/train/cat/0001.jpg
-                if len(parts) != 3 or parts[0] not in ("train", "test"):
+                # Images at any depth under their class folder (train/cat/part1/0001.jpg), as
+                # in a tree on disk.
+                if len(parts) < 3 or parts[0] not in ("train", "test"):
                     continue
-                if Path(parts[2]).suffix.lower() not in IMAGE_SUFFIXES:
+                if Path(parts[-1]).suffix.lower() not in IMAGE_SUFFIXES:
                     continue
                 yield parts[0], parts[1], m.name, tf.extractfile(m).read()  # type: ignore[union-attr]
             # tarfile stops quietly at a damaged header, which would train on part of the data:
@@ -253,7 +332,7 @@ def _tar_members(path: Path) -> Iterator[tuple[str, str, str, bytes]]:
                         f"({type(e).__name__}: {e}): copy or download it again") from None
 
 
-def read_tar(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def read_tar(path: Path, log=None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     by_split: dict[str, list[tuple[str, str, np.ndarray]]] = {"train": [], "test": []}
     for split, cls, name, data in _tar_members(path):
         by_split[split].append((cls, name, _decode(data, f"{path}:{name}")))
@@ -265,9 +344,9 @@ def read_tar(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
                            {c for c, _, _ in by_split["test"]}, f"--data {path}")
     out = {}
     for split, items in by_split.items():
-        items.sort(key=lambda t: (t[0], t[1]))  # the order an ImageFolder walk gives
+        items.sort(key=lambda t: (t[0], Path(t[1]).parts))  # as a tree on disk is read
         out[split] = _stack([im for _, _, im in items], [classes[c] for c, _, _ in items],
-                            f"{path}:{split}/")
+                            f"{path}:{split}/", list(classes), log)
     return out
 
 
@@ -332,6 +411,10 @@ def check_beton(path: Path, count: int | None = None) -> int:
                         f"0..{NUM_CLASSES - 1} (ten classes)")
     if count is not None and n != count:
         raise DataError(f"{path} holds {n} samples, expected {count}")
+    missing = sorted(set(range(NUM_CLASSES)) - set(np.unique(labels).tolist()))
+    if missing:  # e.g. converted by a version that missed a class folder's nested images
+        raise DataError(f"{path}: no image of class {', '.join(map(str, missing))}; every one "
+                        f"of the {NUM_CLASSES} classes needs images")
     return n
 
 
@@ -361,9 +444,10 @@ def _cached_pair(folder: Path, kind: str, source: str) -> BetonPair | None:
 
 def _convert(kind: str, root: Path, folder: Path, log) -> BetonPair:
     log(f"[data] converting {kind} source {root} into {folder} (once)")
-    reader = {"tar": read_tar, "cifar-python": read_cifar_python,
-              "imagefolder": read_imagefolder}[kind]
-    splits = reader(root)
+    if kind == "cifar-python":
+        splits = read_cifar_python(root)
+    else:
+        splits = {"tar": read_tar, "imagefolder": read_imagefolder}[kind](root, log=log)
     for split, (x, y) in splits.items():
         write_beton(folder / f"{split}.beton", x, y)
     write_json_atomic(folder / "manifest.json", {

@@ -1,0 +1,100 @@
+"""Issue 19: bad data trees and cache folders, as `python -m fastres.train` and the grid meet
+them. A class is never trained without, a broken file is named, and a bad cache or home folder
+is one line naming --cache / FASTRES_CACHE, exit 2, no traceback."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fastres.data import CIFAR10_CLASSES, check_beton, prepare
+from fastres.train import main
+
+from .conftest import random_images
+
+SPEC = "N=2 B=1,1 C_in=8 F0=3 P0=1 F1=3 P1=1 K=1"
+
+
+def image_tree(root: Path, per_class: int = 2, nested: str | None = None) -> Path:
+    """An ImageFolder tree of `per_class` PNGs per class and split; the class `nested` keeps
+    its images one folder down (train/cat/part1/0.png)."""
+    for split in ("train", "test"):
+        for i, name in enumerate(CIFAR10_CLASSES):
+            folder = root / split / name / ("part1" if name == nested else "")
+            folder.mkdir(parents=True)
+            for k, img in enumerate(random_images(per_class, i)):
+                Image.fromarray(img).save(folder / f"{k}.png")
+    return root
+
+
+def run(tree: Path, cache: Path, *extra: str) -> int:
+    return main(["--spec", SPEC, "--epochs", "1", "--device", "cpu", "--data", str(tree),
+                 "--cache", str(cache), "--loader-workers", "1", *extra])
+
+
+# ---------------------------------------------------------------- 1: a class never left out
+
+def test_images_one_folder_down_are_read_and_counted(tmp_path, capsys):
+    tree = image_tree(tmp_path / "tree", nested="cat")
+    assert run(tree, tmp_path / "cache") == 0
+    out = capsys.readouterr().out
+    for split in ("train", "test"):
+        assert f"{tree / split}: 20 images, airplane 2, automobile 2, bird 2, cat 2," in out
+    pair = prepare(tree, cache=tmp_path / "cache", log=lambda _m: None)
+    assert (pair.num_train, pair.num_test) == (20, 20)
+    check_beton(pair.train)  # every class has images: checked on open
+
+
+def test_a_class_without_images_is_refused(tmp_path, capsys):
+    tree = image_tree(tmp_path / "tree")
+    for f in (tree / "test" / "dog").iterdir():
+        f.unlink()
+    (tree / "test" / "dog" / "notes.txt").write_text("no images here")
+    assert run(tree, tmp_path / "cache") == 2
+    err = capsys.readouterr().err
+    assert f"{tree / 'test'}: class dog has no images" in err and "Traceback" not in err
+    assert not list((tmp_path / "cache").rglob("*.beton"))
+
+
+def test_betons_missing_a_class_are_refused(tmp_path, capsys):
+    """Given betons, or cached ones converted before nested images were read, that lack a class
+    are never trained on (a cached pair is rebuilt from its source)."""
+    from fastres.data import write_beton
+
+    folder = tmp_path / "betons"
+    labels = np.arange(40) % 10
+    labels[labels == 3] = 4  # no cat
+    write_beton(folder / "train.beton", random_images(40), labels)
+    write_beton(folder / "test.beton", random_images(20, 1), np.arange(20) % 10)
+    assert run(folder, tmp_path / "cache") == 2
+    err = capsys.readouterr().err
+    assert f"{folder / 'train.beton'}: no image of class 3" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------- 8: broken files in a tree
+
+@pytest.mark.parametrize("link, message", [
+    ("missing.png", "train/cat/bad.png is a dangling symbolic link (to missing.png"),
+    ("bad.png", "train/cat/bad.png is a symbolic link loop"),
+    ("..", "train/cat/bad.png links back to a folder above it (a loop)"),
+], ids=["dangling", "loop", "folder-loop"])
+def test_a_broken_link_in_the_tree_is_named_and_refused(link, message, tmp_path, capsys):
+    tree = image_tree(tmp_path / "tree")
+    (tree / "train" / "cat" / "bad.png").symlink_to(link)
+    assert run(tree, tmp_path / "cache") == 2
+    err = capsys.readouterr().err
+    assert message in err and "remove" in err
+    assert "Traceback" not in err
+    assert not list((tmp_path / "cache").rglob("*.beton"))
+
+
+def test_a_linked_class_folder_is_followed(tmp_path, capsys):
+    """A link to a folder elsewhere is followed (as torchvision does), not taken for a loop."""
+    tree = image_tree(tmp_path / "tree")
+    (tree / "train" / "cat").rename(tmp_path / "cats")
+    (tree / "train" / "cat").symlink_to(tmp_path / "cats")
+    pair = prepare(tree, cache=tmp_path / "cache", log=lambda _m: None)
+    assert pair.num_train == 20
+    assert os.path.islink(tree / "train" / "cat")
