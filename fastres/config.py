@@ -40,8 +40,18 @@ DEVICE_FORMS = "cpu, cuda or cuda:N"
 # FFCV seeds numpy with seed + epoch (non-negative only) and the results store keeps it in a
 # signed 64-bit column: numpy's classic 32-bit seed range fits all of them.
 SEED_MAX = 2**32 - 1
+# The results store's integers are SQLite's signed 64-bit ones: epochs, T_max and attempts
+# beyond it cannot be recorded (an OverflowError mid-registration otherwise).
+STORE_INT_MAX = 2**63 - 1
 CPU_CHANNELS_LAST = ("channels-last on the CPU: oneDNN's channels-last convolution backward is "
                      "wrong at some shapes on some CPUs; training in contiguous NCHW instead")
+
+
+def check_storable(value: int, flag: str) -> None:
+    """ValueError naming `flag` for an integer the results store cannot hold."""
+    if value > STORE_INT_MAX:
+        raise ValueError(f"{flag} must be at most {STORE_INT_MAX} (2**63 - 1, the largest "
+                         f"integer the results store holds), got {value}")
 
 
 def device_or_default(device: str | None) -> str:
@@ -130,7 +140,9 @@ class TrainConfig:
                 log(f"[train] {CPU_CHANNELS_LAST}")
             channels_last = False
         precision = self.precision or ("bf16" if gpu else "fp32")
-        if self.graphs and not gpu:
+        from fastres.steps import graphs_available  # torch: only when a config is resolved
+
+        if self.graphs and not graphs_available(parse_device(device)):
             raise ValueError(f"--graphs on needs a CUDA GPU; {device} has no CUDA graphs")
         if self.graphs and precision == "fp16":
             raise ValueError("--graphs on with --precision fp16: fp16's loss scaler reads its "
@@ -182,6 +194,8 @@ class TrainConfig:
                                  f"got {getattr(self, name)}")
         if self.tmax < 0:
             raise ValueError(f"--tmax must be 0 (constant rate) or positive, got {self.tmax}")
+        for name in ("epochs", "tmax"):
+            check_storable(getattr(self, name), f"--{name}")
         # A NaN or zero rate would only show as a wasted epoch and a "diverged" run.
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"--lr must be a positive finite number, got {self.lr}")
@@ -194,6 +208,9 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
+        if self.loader_workers < 0:
+            raise ValueError(f"--loader-workers must be 0 (torch's thread count) or more, "
+                             f"got {self.loader_workers}")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -207,6 +224,20 @@ def on_off(text: str) -> bool:
     if text.lower() in ("off", "false", "0", "no"):
         return False
     raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
+
+
+def int_at_least(lo: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least `lo` (argparse names the flag in its error)."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be at least {lo}, got {v}")
+        return v
+
+    return parse
 
 
 def add_run_arguments(ap: argparse.ArgumentParser) -> None:
@@ -238,7 +269,8 @@ def add_run_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--test-subset", type=int, help="use a fixed random N of the test images")
     ap.add_argument("--loader-workers", type=int, default=0,
                     help="FFCV threads (0: torch's thread count, which FFCV also sets torch to)")
-    ap.add_argument("--param-budget", type=int, default=PARAM_BUDGET)
+    ap.add_argument("--param-budget", type=int_at_least(1), default=PARAM_BUDGET,
+                    help=f"most parameters a --spec may have (default {PARAM_BUDGET})")
 
 
 def compute_settings(args: argparse.Namespace) -> dict:

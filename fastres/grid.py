@@ -24,7 +24,12 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from fastres.config import add_run_arguments, compute_settings, device_or_default
+from fastres.config import (
+    add_run_arguments,
+    check_storable,
+    compute_settings,
+    device_or_default,
+)
 from fastres.data import SYNTHETIC, SYNTHETIC_WARNING, BetonPair, DataError, DataUnavailable
 from fastres.kernel_choice import KernelsUnavailable
 from fastres.live import LiveBoard, local_worker, silence_conversion_bars, use_live
@@ -33,6 +38,7 @@ from fastres.plan import (
     Cell,
     GridError,
     GridProtocol,
+    Plan,
     effective_subset,
     epoch_flop,
     fmt_time,
@@ -423,16 +429,65 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_flags(args: argparse.Namespace) -> None:
-    """The grid's own numeric flags, before anything runs."""
+    """The grid's own flags, before anything runs; flags that would do nothing are said."""
     if args.workers is not None and args.workers < 1:
         raise GridError(f"--workers must be at least 1, got {args.workers}")
     if args.runs_per_gpu < 1:
         raise GridError(f"--runs-per-gpu must be at least 1, got {args.runs_per_gpu}")
     if args.max_retries < 0:
         raise GridError(f"--max-retries must be 0 or more, got {args.max_retries}")
+    try:  # attempts are counted in the store, up to --max-retries + 1
+        check_storable(args.max_retries + 1, "--max-retries + 1")
+    except ValueError as e:
+        raise GridError(str(e)) from None
+    if not args.results.strip():
+        raise GridError("--results '' names no folder; give one, e.g. --results runs")
+    if os.path.isfile(args.results):
+        from fastres.results import DB_NAME
+
+        hint = (f"; give the folder that holds it: --results {os.path.dirname(args.results) or '.'}"
+                if os.path.basename(args.results) == DB_NAME else "")
+        raise GridError(f"--results {args.results} is a file, not a folder{hint}")
+    if args.runs_per_gpu != 1 and args.ray is None and (args.workers or 1) == 1:
+        print("[grid] note: --runs-per-gpu applies to Ray workers only (--workers N > 1 or "
+              "--ray ADDRESS); one process trains here, so it is ignored", file=sys.stderr,
+              flush=True)
+    if args.measure and not args.dry_run:
+        print("[grid] note: --measure applies to --dry-run only; a real run times its "
+              "structures anyway", file=sys.stderr, flush=True)
+
+
+def check_run(args: argparse.Namespace, plan: Plan, cells: list[Cell]) -> tuple[int | None, dict]:
+    """Every check that needs no data, made alike by a dry run and a real one: the grid's flags,
+    --array, and the run settings of every cell, built as the cell builds them, before any is
+    registered (a cell that can never train would stay in the store, unfinished, for good).
+    Returns the --array asked for and the compute settings."""
+    check_flags(args)
+    array_asked = parse_array(args.array)
+    compute = compute_settings(args)
+    asked = GridProtocol(epochs=plan.epochs, lr=args.lr, train_subset=plan.train_subset,
+                         test_subset=plan.test_subset)
+    try:
+        for c in cells:
+            c.config(asked, compute).check()
+        # The device-dependent settings are the same for every cell: resolved once.
+        resolved = cells[0].config(asked, compute).resolved(log=lambda _m: None)
+    except ValueError as e:
+        raise GridError(str(e)) from None
+    if resolved.kernels == "triton":
+        from fastres.kernels._common import triton_available, unavailable_reason
+
+        if not triton_available(resolved.device):
+            raise KernelsUnavailable(f"--kernels triton: {unavailable_reason(resolved.device)}"
+                                     "; use --kernels eager")
+    if resolved.precision == "fp16" and array_asked not in (None, 1):
+        raise GridError(FP16_ARRAY)
+    return array_asked, compute
 
 
 AUTO_ARRAY_CAP = 10  # the paper's runs per structure
+FP16_ARRAY = ("--array with --precision fp16: one loss scale would couple the runs of an array; "
+              "use bf16 or --array off")
 
 
 def parse_array(value: str) -> int | None:
@@ -456,8 +511,7 @@ def array_sizes(asked: int | None, configs: dict[str, object], log=print) -> dic
     for spec, cfg in configs.items():
         if cfg.precision == "fp16":
             if asked not in (None, 1):
-                raise GridError("--array with --precision fp16: one loss scale would couple the "
-                                "runs of an array; use bf16 or --array off")
+                raise GridError(FP16_ARRAY)
             sizes[spec] = 1
         elif asked is not None:
             sizes[spec] = asked
@@ -519,34 +573,18 @@ def _run(args: argparse.Namespace) -> int:
     try:
         plan = plan_from_args(args)
         cells = plan.cells()
+        # Checked here, not in every cell (each using up its attempts): a NaN --lr, say, would
+        # reach the epochs table as NULL (SQLite has no NaN) and fail each cell there.
+        array_asked, compute = check_run(args, plan, cells)
         if args.dry_run:
             print_plan(cells, plan)
             if args.measure:
-                check_flags(args)
                 protocol = GridProtocol(epochs=plan.epochs, lr=args.lr)
-                print_estimate([c.config(protocol, compute_settings(args)) for c in cells],
+                print_estimate([c.config(protocol, compute) for c in cells],
                                [plan.epochs] * len(cells), plan.train_subset or CIFAR_SIZES[0],
                                plan.test_subset or CIFAR_SIZES[1], args.workers or 1)
             return 0
-        check_flags(args)
-        array_asked = parse_array(args.array)
         db = ResultsDB(args.results)  # fail on a bad folder before spending time on data
-        compute = compute_settings(args)
-        # Check the run settings once here, built as each cell builds them, rather than failing
-        # every cell (and using up its attempts) with them: a NaN --lr, say, would reach the
-        # epochs table as NULL (SQLite has no NaN) and fail each cell there.
-        asked = GridProtocol(epochs=plan.epochs, lr=args.lr, train_subset=plan.train_subset,
-                             test_subset=plan.test_subset)
-        try:
-            resolved = cells[0].config(asked, compute).resolved(log=lambda _m: None)
-        except ValueError as e:
-            raise GridError(str(e)) from None
-        if resolved.kernels == "triton":
-            from fastres.kernels._common import triton_available, unavailable_reason
-
-            if not triton_available(resolved.device):
-                raise KernelsUnavailable(f"--kernels triton: {unavailable_reason(resolved.device)}"
-                                         "; use --kernels eager")
         live = use_live(sys.stdout, args.quiet)  # the live display: a terminal only
         if live:
             silence_conversion_bars()
@@ -596,6 +634,10 @@ def _run(args: argparse.Namespace) -> int:
         for spec, n in sizes.items():
             if n > 1:
                 print(f"[grid] {spec}: its runs in arrays of up to {n}", flush=True)
+        if max(sizes.values(), default=1) > 1 and (args.compile or args.graphs):
+            print(f"[grid] note: --{'compile' if args.compile else 'graphs'} on does not apply "
+                  "to run arrays yet (they run eager); --array off trains each run with it",
+                  file=sys.stderr, flush=True)
         with progress:
             if use_ray:
                 run_ray(jobs, progress, workers, args.runs_per_gpu, args.ray, args.max_retries,

@@ -12,7 +12,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from fastres.config import TrainConfig
+from fastres.config import SEED_MAX, STORE_INT_MAX, TrainConfig, check_storable
 from fastres.protocol import (
     CIFAR_SIZES,
     EPOCHS,
@@ -144,13 +144,15 @@ PRESETS: dict[str, Plan] = {
 
 
 def _split(text: str, flag: str) -> list[str]:
-    items = [t.strip() for t in text.split(",") if t.strip()]
-    if not items:
+    items = [t.strip() for t in text.split(",")]
+    if not any(items):
         raise GridError(f"{flag} {text!r} selects nothing")
+    if not all(items):  # "1,,2" is more likely a typo than a wish for 1 and 2
+        raise GridError(f"{flag} {text!r} has an empty item; separate values with one comma")
     return items
 
 
-def _ints(text: str, flag: str, lo: int = 0) -> list[int]:
+def _ints(text: str, flag: str, lo: int = 0, hi: int = STORE_INT_MAX) -> list[int]:
     out = []
     for t in _split(text, flag):
         try:
@@ -159,8 +161,26 @@ def _ints(text: str, flag: str, lo: int = 0) -> list[int]:
             raise GridError(f"{flag}: {t!r} is not an integer") from None
         if v < lo:
             raise GridError(f"{flag}: {v} must be at least {lo}")
+        if v > hi:
+            raise GridError(f"{flag}: {v} must be at most {hi}"
+                            + (" (2**63 - 1, the largest integer the results store holds)"
+                               if hi == STORE_INT_MAX else ""))
         out.append(v)
     return out
+
+
+def _once(items: list, flag: str, key=lambda x: x, show=str) -> list:
+    """`items` without repeats, in order, with a note naming what `flag` repeated: a cell
+    given twice would be leased, trained and counted twice."""
+    seen: dict = {}
+    for item in items:
+        k = key(item)
+        if k in seen:
+            print(f"[grid] note: {flag} gives {show(item)} more than once; each cell runs once",
+                  file=sys.stderr, flush=True)
+        else:
+            seen[k] = item
+    return list(seen.values())
 
 
 def _on_off(text: str, flag: str) -> list[bool]:
@@ -168,7 +188,8 @@ def _on_off(text: str, flag: str) -> list[bool]:
     bad = [t for t in _split(text, flag) if t.lower() not in table]
     if bad:
         raise GridError(f"{flag}: {bad[0]!r} is not on or off")
-    return [table[t.lower()] for t in _split(text, flag)]
+    return _once([table[t.lower()] for t in _split(text, flag)], flag,
+                 show=lambda b: "on" if b else "off")
 
 
 def plan_from_args(args: argparse.Namespace) -> Plan:
@@ -188,24 +209,34 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
                 plan.specs.append((None, ResNetSpec.parse(text).validate(args.param_budget)))
             except SpecError as e:
                 raise GridError(f"--spec {text!r}: {e}") from None
+        # One structure named twice (--structures 1,1, one --spec twice, or a --spec equal to a
+        # Table 1 structure) is one set of cells: the first naming is kept.
+        plan.specs = _once(plan.specs, "--structures" if not args.spec else
+                           "--structures/--spec" if args.structures is not None else "--spec",
+                           key=lambda s: str(s[1]),
+                           show=lambda s: f"structure {s[0]}" if s[0] else f"{str(s[1])!r}")
     if args.optimizers is not None:
         names = _split(args.optimizers, "--optimizers")
         bad = [n for n in names if n not in OPTIMIZER_SETTINGS]
         if bad:
             raise GridError(f"--optimizers: unknown optimizer {bad[0]!r} "
                             f"(choose from {', '.join(OPTIMIZER_SETTINGS)})")
-        plan.optimizers = names
+        plan.optimizers = _once(names, "--optimizers")
     if args.augment is not None:
         plan.augment = _on_off(args.augment, "--augment")
     if args.normalize is not None:
         plan.normalize = _on_off(args.normalize, "--normalize")
     if args.tmax is not None:
-        plan.tmax = _ints(args.tmax, "--tmax")
+        plan.tmax = _once(_ints(args.tmax, "--tmax"), "--tmax")
     if args.seeds is not None:
-        plan.seeds = _ints(args.seeds, "--seeds")
+        plan.seeds = _once(_ints(args.seeds, "--seeds", hi=SEED_MAX), "--seeds")
     if args.epochs is not None:
         if args.epochs < 1:
             raise GridError(f"--epochs must be at least 1, got {args.epochs}")
+        try:
+            check_storable(args.epochs, "--epochs")
+        except ValueError as e:
+            raise GridError(str(e)) from None
         plan.epochs = args.epochs
     if args.train_subset is not None:
         plan.train_subset = args.train_subset

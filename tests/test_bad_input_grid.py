@@ -299,3 +299,89 @@ def test_an_array_out_of_memory_is_split_never_a_crash(tiny_betons, tmp_path, mo
     curve = "SELECT r.label, e.epoch, e.train_loss, e.test_loss FROM epochs e JOIN runs r " \
         "USING (run_id) ORDER BY r.label, e.epoch"
     assert table(results, curve) == table(alone, curve)
+
+
+# ---------------------------------------------------------------- issue 19, 9: every cell checked
+
+# Where no data is read: the flags are refused first (a path that is never prepared).
+NO_DATA = BetonPair(Path("/nonexistent/train.beton"), Path("/nonexistent/test.beton"), "beton",
+                    "/nonexistent", 300, 120, "none")
+
+@pytest.mark.parametrize("extra, message", [
+    (["--seeds", "0,4294967296"], "--seeds: 4294967296 must be at most 4294967295"),
+    (["--seeds", "1,,2"], "--seeds '1,,2' has an empty item"),
+    (["--tmax", "0," + "1" * 20], f"--tmax: {'1' * 20} must be at most 9223372036854775807"),
+    (["--epochs", "1" * 20], f"--epochs must be at most 9223372036854775807 (2**63 - 1, "
+                             f"the largest integer the results store holds), got {'1' * 20}"),
+    (["--max-retries", "1" * 20], "--max-retries + 1 must be at most"),
+    (["--loader-workers", "-1"], "--loader-workers must be 0 (torch's thread count) or more"),
+    (["--train-subset", "0"], "--train-subset must be at least 1, got 0"),
+    (["--checkpoint-every", "nan"], "--checkpoint-every must be 0 (every epoch) or a positive"),
+    (["--array", "abc"], "--array must be auto, off or a number of runs >= 1, got 'abc'"),
+    (["--workers", "0"], "--workers must be at least 1"),
+    (["--device", "gpu"], "--device must be cpu, cuda or cuda:N, got 'gpu'"),
+    (["--precision", "fp16", "--array", "2"], "--array with --precision fp16"),
+    (["--results", ""], "--results '' names no folder"),
+], ids=["seeds-past-2**32", "seeds-empty-item", "tmax-past-int64", "epochs-past-int64",
+        "max-retries-past-int64", "loader-workers", "train-subset-0", "checkpoint-every-nan",
+        "array-abc", "workers-0", "device-gpu", "fp16-array", "results-empty"])
+@pytest.mark.parametrize("dry", [False, True], ids=["run", "dry-run"])
+def test_every_flag_of_every_cell_is_checked_before_anything_is_registered(
+        extra, message, dry, tmp_path, monkeypatch, capsys):
+    """Before any data is prepared or cell registered, and alike in a dry run: the error names
+    the flag as typed (--seeds, not --seed), exit 2, no traceback, the store untouched."""
+    def no_data(*_a, **_k):
+        raise AssertionError("data was prepared before the bad flag was caught")
+
+    monkeypatch.setattr("fastres.data.prepare", no_data)
+    results = tmp_path / "r"
+    base = args(NO_DATA, results, "--augment", "on", "--epochs", "1")
+    assert main([*base, *extra, *(["--dry-run"] if dry else [])]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not results.exists()
+
+
+def test_param_budget_must_be_positive(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(args(NO_DATA, tmp_path / "r", "--param-budget", "-5", "--dry-run"))
+    assert e.value.code == 2
+    assert "argument --param-budget: must be at least 1, got -5" in capsys.readouterr().err
+
+
+def test_flags_that_would_do_nothing_are_said(tmp_path, capsys):
+    assert main(args(NO_DATA, tmp_path / "r", "--runs-per-gpu", "2", "--dry-run")) == 0
+    assert "--runs-per-gpu applies to Ray workers only" in capsys.readouterr().err
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / DB_NAME).write_text("")
+    assert main(args(NO_DATA, tmp_path / "r" / DB_NAME, "--dry-run")) == 2
+    assert f"is a file, not a folder; give the folder that holds it: --results {tmp_path / 'r'}" \
+        in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- issue 19, 3: a cell given twice
+
+@pytest.mark.parametrize("array", ["off", "2"], ids=["one-at-a-time", "array"])
+def test_a_cell_given_twice_runs_once(array, tiny_betons, tmp_path, capsys):
+    results = tmp_path / "r"
+    base = args(tiny_betons, results, "--augment", "on", "--epochs", "1", "--seeds", "0,0",
+                "--array", array)
+    assert main([*base, "--dry-run"]) == 0
+    captured = capsys.readouterr()
+    assert "--seeds gives 0 more than once; each cell runs once" in captured.err
+    assert "1 cells, 1 epochs" in captured.out
+    assert not results.exists()
+    assert main(base) == 0
+    captured = capsys.readouterr()
+    assert "--seeds gives 0 more than once" in captured.err and "Traceback" not in captured.err
+    assert "1/1 cells finished;" in captured.out
+    assert [r[1:4] for r in runs(results)] == [("completed", 1, 1)]
+
+
+def test_one_spec_given_twice_is_one_structure(tmp_path, capsys):
+    spec = "N=2 B=1,1 C_in=8 F0=3 P0=1 F1=3 P1=1 K=1"
+    assert main(["--preset", "smoke", "--spec", spec, "--spec", spec.replace(" ", "  "),
+                 "--results", str(tmp_path / "r"), "--dry-run", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert "--spec gives" in captured.err and "more than once" in captured.err
+    assert "4 cells, 8 epochs" in captured.out  # 2 optimizers x augment on/off, once
