@@ -73,11 +73,50 @@ def fixed_subset(n: int | None, total: int) -> np.ndarray | None:
     return np.sort(np.random.default_rng(0).permutation(total)[:n])
 
 
-def default_cache_dir() -> Path:
+def _cache_source(cache: str | os.PathLike | None) -> tuple[Path, str]:
+    """The cache folder and how the user named it (for errors): --cache, else FASTRES_CACHE,
+    else XDG_CACHE_HOME/fastres, else ~/.cache/fastres. The home folder is looked up only for
+    the last: in a container it may not exist."""
+    if cache is not None and str(cache):
+        return Path(cache), f"--cache {cache}"
     env = os.environ.get("FASTRES_CACHE")
     if env:
-        return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastres"
+        return Path(env), f"FASTRES_CACHE={env}"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg:
+        return Path(xdg) / "fastres", f"the cache folder {Path(xdg) / 'fastres'} " \
+            f"(XDG_CACHE_HOME={xdg}; --cache DIR or FASTRES_CACHE move it)"
+    try:
+        home = Path.home()
+    except RuntimeError:  # HOME unset and no passwd entry: usual for a container's user
+        raise DataError("no folder for the cache: there is no home folder (HOME is unset and "
+                        f"user {os.getuid()} has no passwd entry); give one with --cache DIR or "
+                        "the FASTRES_CACHE environment variable") from None
+    folder = home / ".cache" / "fastres"
+    return folder, f"the cache folder {folder} (--cache DIR or FASTRES_CACHE move it)"
+
+
+def default_cache_dir() -> Path:
+    """Where downloads and betons go when no --cache is given (see _cache_source)."""
+    return _cache_source(None)[0]
+
+
+def cache_dir(cache: str | os.PathLike | None = None) -> Path:
+    """The cache folder, created if need be; DataError naming --cache or FASTRES_CACHE where it
+    is a file or cannot be written (found here, not as a traceback mid-conversion)."""
+    folder, named = _cache_source(cache)
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"{named} is a file, not a folder; give a folder for downloads and "
+                        "converted data")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"{named}: cannot create that folder ({e.strerror}); give another with "
+                        "--cache DIR or FASTRES_CACHE") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise DataError(f"{named} is not writable; give a writable folder with --cache DIR or "
+                        "FASTRES_CACHE")
+    return folder
 
 
 # ---------------------------------------------------------------------------- detection
@@ -511,10 +550,11 @@ def download_cifar10(cache: Path) -> Path:
 def prepare(data: str | os.PathLike | None = None, cache: str | os.PathLike | None = None,
             download: bool = True, log=print) -> BetonPair:
     """Betons for `data` (see the module docstring), converting and caching as needed."""
-    cache = Path(cache) if cache is not None else default_cache_dir()
+    asked = cache  # looked up, and checked, only where the cache is used: not for ready betons
     if data is None:
         data = os.environ.get("FASTRES_DATA") or None
     if data is None:
+        cache = cache_dir(asked)
         local = _find_cifar_python(cache / "download")
         if local is None:
             if not download:
@@ -524,8 +564,13 @@ def prepare(data: str | os.PathLike | None = None, cache: str | os.PathLike | No
             local = download_cifar10(cache)
         data = local
     if str(data) == SYNTHETIC:
-        return synthetic(cache, log)
-    kind, root = detect(Path(data).expanduser().resolve())
+        return synthetic(cache_dir(asked), log)
+    try:
+        path = Path(data).expanduser()
+    except RuntimeError:  # "~" with no home folder
+        raise DataError(f"--data {data}: no home folder to expand ~ in; give the full path"
+                        ) from None
+    kind, root = detect(path.resolve())
     if kind == "beton":
         n_train = check_beton(root / "train.beton")
         n_test = check_beton(root / "test.beton")
@@ -535,5 +580,5 @@ def prepare(data: str | os.PathLike | None = None, cache: str | os.PathLike | No
             h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}\n".encode())
         return BetonPair(root / "train.beton", root / "test.beton", kind, str(root),
                          n_train, n_test, f"beton-{h.hexdigest()[:16]}")
-    folder = cache / "betons" / f"{kind}-{identity(kind, root)}"
+    folder = cache_dir(asked) / "betons" / f"{kind}-{identity(kind, root)}"
     return _cached_pair(folder, kind, str(root)) or _convert(kind, root, folder, log)

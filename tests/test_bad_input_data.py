@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fastres.data import CIFAR10_CLASSES, check_beton, prepare
+from fastres.data import CIFAR10_CLASSES, cache_dir, check_beton, prepare
 from fastres.train import main
 
 from .conftest import random_images
@@ -36,13 +36,14 @@ def run(tree: Path, cache: Path, *extra: str) -> int:
 
 # ---------------------------------------------------------------- 1: a class never left out
 
-def test_images_one_folder_down_are_read_and_counted(tmp_path, capsys):
+def test_images_one_folder_down_are_read_and_counted(tmp_path):
+    """What a run prints as it converts (fastres.train and the grid pass print as the log)."""
     tree = image_tree(tmp_path / "tree", nested="cat")
-    assert run(tree, tmp_path / "cache") == 0
-    out = capsys.readouterr().out
+    said: list[str] = []
+    pair = prepare(tree, cache=tmp_path / "cache", log=said.append)
     for split in ("train", "test"):
-        assert f"{tree / split}: 20 images, airplane 2, automobile 2, bird 2, cat 2," in out
-    pair = prepare(tree, cache=tmp_path / "cache", log=lambda _m: None)
+        assert f"[data] {tree / split}: 20 images, airplane 2, automobile 2, bird 2, cat 2, " \
+            "deer 2, dog 2, frog 2, horse 2, ship 2, truck 2" in said
     assert (pair.num_train, pair.num_test) == (20, 20)
     check_beton(pair.train)  # every class has images: checked on open
 
@@ -98,3 +99,66 @@ def test_a_linked_class_folder_is_followed(tmp_path, capsys):
     pair = prepare(tree, cache=tmp_path / "cache", log=lambda _m: None)
     assert pair.num_train == 20
     assert os.path.islink(tree / "train" / "cat")
+
+
+# ---------------------------------------------------------------- 7: the cache and the home folder
+
+@pytest.fixture
+def homeless(monkeypatch):
+    """No usable home folder: HOME unset, and no passwd entry for the user (a container's)."""
+    def no_home(*_a, **_k):
+        raise RuntimeError("Could not determine home directory.")
+
+    for name in ("HOME", "FASTRES_CACHE", "XDG_CACHE_HOME", "FASTRES_DATA"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(Path, "home", no_home)
+    monkeypatch.setattr(Path, "expanduser", lambda self: self if "~" not in str(self)
+                        else no_home())
+
+
+def test_without_a_home_folder_the_cache_must_be_named(tmp_path, homeless, monkeypatch, capsys):
+    tree = image_tree(tmp_path / "tree", per_class=1)
+    assert main(["--spec", SPEC, "--epochs", "1", "--device", "cpu", "--data", str(tree)]) == 2
+    err = capsys.readouterr().err
+    assert "no folder for the cache: there is no home folder" in err and "Traceback" not in err
+    assert "--cache DIR or the FASTRES_CACHE environment variable" in err
+    # Given a location (any of the three), the home folder is never looked up.
+    pair = prepare(tree, cache=tmp_path / "given", log=lambda _m: None)
+    assert pair.num_train == 10 and tmp_path / "given" in pair.train.parents
+    monkeypatch.setenv("FASTRES_CACHE", str(tmp_path / "env"))
+    assert cache_dir() == tmp_path / "env" and (tmp_path / "env").is_dir()
+    monkeypatch.delenv("FASTRES_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "fastres"
+
+
+@pytest.mark.parametrize("how", ["--cache", "FASTRES_CACHE"])
+def test_a_cache_that_is_a_file_is_named(how, tmp_path, monkeypatch, capsys):
+    tree = image_tree(tmp_path / "tree", per_class=1)
+    (tmp_path / "file").write_text("not a folder")
+    extra = ["--cache", str(tmp_path / "file")] if how == "--cache" else []
+    if how == "FASTRES_CACHE":
+        monkeypatch.setenv("FASTRES_CACHE", str(tmp_path / "file"))
+    argv = ["--spec", SPEC, "--epochs", "1", "--device", "cpu", "--data", str(tree), *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    named = f"--cache {tmp_path / 'file'}" if how == "--cache" else \
+        f"FASTRES_CACHE={tmp_path / 'file'}"
+    assert f"{named} is a file, not a folder" in err and "Traceback" not in err
+    # A folder under the file cannot be made: also one line naming it.
+    extra = ["--cache", str(tmp_path / "file" / "sub")] if how == "--cache" else []
+    if how == "FASTRES_CACHE":
+        monkeypatch.setenv("FASTRES_CACHE", str(tmp_path / "file" / "sub"))
+    argv = ["--spec", SPEC, "--epochs", "1", "--device", "cpu", "--data", str(tree), *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'file' / 'sub'}: cannot create that folder (Not a directory)" in err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into any folder")
+def test_an_unwritable_cache_is_named(tmp_path, capsys):
+    tree = image_tree(tmp_path / "tree", per_class=1)
+    (tmp_path / "ro").mkdir(mode=0o555)
+    assert main(["--spec", SPEC, "--epochs", "1", "--device", "cpu", "--data", str(tree),
+                 "--cache", str(tmp_path / "ro")]) == 2
+    assert f"--cache {tmp_path / 'ro'} is not writable" in capsys.readouterr().err
