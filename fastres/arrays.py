@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from fastres.models import build, strictly
 from fastres.protocol import WEIGHT_DECAY
-from fastres.steps import make_optimizer
+from fastres.steps import load_optimizer_state, make_optimizer
 from fastres.structures import NUM_CLASSES, ResNetSpec
 
 # nn.BatchNorm2d's defaults, which fastres.models uses.
@@ -374,4 +374,4 @@ class RunViews:
 
     def load_optimizer_state(self, r: int, state: dict) -> None:
         """Load a run's (or a solo run's) optimizer state_dict into run r's optimizer (copied)."""
-        self.optimizers[r].load_state_dict(copy.deepcopy(state))
+        load_optimizer_state(self.optimizers[r], copy.deepcopy(state))

@@ -132,7 +132,7 @@ def train(cfg: TrainConfig, data: BetonPair | None = None,
     engine, warm = bench.engine(cfg, log)
     engine.start_run(cfg)
     model, opt, steps = engine.model, engine.opt, engine.steps
-    schedule = Schedule(opt, cfg.tmax)
+    schedule = Schedule(opt, cfg.tmax, cfg.lr)
 
     log(f"[train] {cfg.spec} | {cfg.optimizer} lr {cfg.lr} wd {cfg.weight_decay} | augment "
         f"{'on' if cfg.augment else 'off'} | {cfg.epochs} epochs, T_max {cfg.tmax} | {device} "

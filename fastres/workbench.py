@@ -21,7 +21,14 @@ import torch.nn as nn
 from fastres.config import TrainConfig
 from fastres.loaders.resident import ResidentData, fits, resident_bytes
 from fastres.models import build
-from fastres.steps import AMP_DTYPES, NOT_CAPTURABLE, Steps, make_optimizer
+from fastres.steps import (
+    AMP_DTYPES,
+    Steps,
+    compile_model,
+    load_optimizer_state,
+    make_optimizer,
+    reset_optimizer_state,
+)
 
 
 def engine_key(cfg: TrainConfig) -> tuple:
@@ -35,7 +42,7 @@ class Engine:
     """One model, its optimizer and its steps, reused by the runs of one engine_key."""
 
     model: nn.Module
-    step_model: nn.Module
+    step_model: Callable[[torch.Tensor], torch.Tensor]  # the model, or its compiled call
     opt: torch.optim.Optimizer
     steps: Steps
     scaler: torch.amp.GradScaler
@@ -49,10 +56,7 @@ class Engine:
             torch.manual_seed(cfg.seed)
             fresh = build(cfg.spec, kernels=cfg.kernels, device=torch.device(cfg.device))
             self.model.load_state_dict(fresh.state_dict())
-            for state in self.opt.state.values():
-                for value in state.values():
-                    if isinstance(value, torch.Tensor):
-                        value.zero_()
+            reset_optimizer_state(self.opt)
             if self.scaler.is_enabled():
                 self.scaler.load_state_dict(
                     torch.amp.GradScaler(self.steps.device.type).state_dict())
@@ -66,15 +70,11 @@ class Engine:
         self.runs += 1
 
     def load(self, state: dict) -> None:
-        """Resume: the saved model and optimizer. The optimizer's state arrives in new tensors,
-        so steps captured before are dropped and captured again on the next batches."""
+        """Resume: the saved model and optimizer, whatever wrote them (a graphed or eager run, a
+        run array), into this engine's implementation. The optimizer's state arrives in new
+        tensors, so steps captured before are dropped and captured again on the next batches."""
         self.model.load_state_dict(state["model"])
-        rate = [g["lr"] for g in self.opt.param_groups]
-        self.opt.load_state_dict(state["optimizer"])
-        for group, lr in zip(self.opt.param_groups, rate, strict=True):
-            if isinstance(lr, torch.Tensor):  # keep the device tensor the graphs read
-                lr.fill_(float(group["lr"]))
-                group["lr"] = lr
+        load_optimizer_state(self.opt, state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.steps.forget_graphs()
 
@@ -117,15 +117,11 @@ class Workbench:
         graphed = bool(cfg.graphs)
         opt = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay,
                              graphed=graphed, device=device)
-        in_graph = cfg.optimizer not in NOT_CAPTURABLE
-        if graphed and not in_graph:
-            log(f"[train] CUDA graphs: {cfg.optimizer}: {NOT_CAPTURABLE[cfg.optimizer]}")
         amp_dtype = AMP_DTYPES[cfg.precision]
         # fp16 needs loss scaling; bf16 has fp32's range and does not.
         scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
-        step_model = torch.compile(model) if cfg.compile else model
-        steps = Steps(model, step_model, opt, device, amp_dtype, scaler, graphs=graphed,
-                      update_in_graph=in_graph, log=log)
+        step_model = compile_model(model) if cfg.compile else model
+        steps = Steps(model, step_model, opt, device, amp_dtype, scaler, graphs=graphed, log=log)
         engine = Engine(model, step_model, opt, steps, scaler, plan)
         self.engines[key] = engine
         return engine, False

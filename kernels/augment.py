@@ -11,13 +11,13 @@ can feed their own. No autograd: the input is data.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
 from fastres.kernels._common import cast, check_device, define_op, empty, launch, next_pow2
+from fastres.loaders.augment import channel_constants
 
 from fastres.protocol import CIFAR_MEAN, CIFAR_STD, PAD
 
@@ -85,14 +85,6 @@ def _fake(images, index, dy, dx, flip, mean, std, pad, normalize, dtype):
 _op = define_op("augment", _impl, _fake)
 
 
-@functools.lru_cache(maxsize=8)
-def _constants(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    # Made once per device: a host-to-device copy per batch would be a needless sync point.
-    return (torch.tensor(mean, dtype=torch.float32, device=device),
-            torch.tensor(std, dtype=torch.float32, device=device))
-
-
 def augment(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor,
             dtype: torch.dtype = torch.float32, normalize: bool = True,
             mean: Sequence[float] = CIFAR_MEAN, std: Sequence[float] = CIFAR_STD, pad: int = PAD,
@@ -104,5 +96,5 @@ def augment(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torc
     name = {v: k for k, v in _DTYPES.items()}.get(dtype)
     if name is None:
         raise TypeError(f"augment writes {', '.join(_DTYPES)}, not {dtype}")
-    m, s = _constants(tuple(mean), tuple(std), images.device)
+    m, s = channel_constants(tuple(mean), tuple(std), images.device)
     return _op(images, index, dy, dx, flip.to(torch.uint8), m, s, pad, normalize, name)

@@ -8,6 +8,7 @@ random parameters are drawn separately so tests can feed their own.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -55,14 +56,22 @@ def crop_flip(images: torch.Tensor, p: AugmentParams) -> torch.Tensor:
     return padded[bi, rows[:, :, None], cols[:, None, :]]
 
 
+@functools.lru_cache(maxsize=8)
+def channel_constants(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """mean and std as float32 tensors on `device`, made once: a tensor made from host numbers
+    per batch is a host-to-device copy (and on a GPU a sync) before every step."""
+    return (torch.tensor(mean, dtype=torch.float32, device=device),
+            torch.tensor(std, dtype=torch.float32, device=device))
+
+
 def normalize(images: torch.Tensor, dtype: torch.dtype, enabled: bool = True,
               mean: tuple[float, ...] = CIFAR_MEAN, std: tuple[float, ...] = CIFAR_STD
               ) -> torch.Tensor:
     """uint8 (B, H, W, C) -> float (B, C, H, W) in channels-last memory: (x/255 - mean) / std."""
     x = images.to(torch.float32).div_(255.0)
     if enabled:
-        m = torch.tensor(mean, device=images.device, dtype=torch.float32)
-        s = torch.tensor(std, device=images.device, dtype=torch.float32)
+        m, s = channel_constants(tuple(mean), tuple(std), images.device)
         x = (x - m) / s
     # NHWC contiguous permuted to NCHW *is* channels-last: no copy.
     return x.to(dtype).permute(0, 3, 1, 2)

@@ -115,7 +115,10 @@ class ResidentLoader:
         order = None
         if self.train:
             order = torch.from_numpy(permutation(self.num_samples, self.seed, self.epoch))
-            order = order.to(self.device)
+            if self.device.type == "cuda":  # from pinned memory: a copy from pageable syncs
+                order = order.pin_memory().to(self.device, non_blocking=True)
+            else:
+                order = order.to(self.device)
         self.epoch += 1
         for start in range(0, self.num_samples, self.batch_size):
             if order is None:

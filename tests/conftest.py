@@ -81,6 +81,25 @@ def poisoned_ieee_fp32():
 
 
 @pytest.fixture
+def standin_graphs(monkeypatch):
+    """CUDA graphs on the CPU for one test (tests/graph_standin.py): graphs=True runs through
+    the stand-in, and torch's capturable optimizers accept CPU tensors."""
+    import importlib
+
+    from fastres import steps
+
+    from .graph_standin import StandInGraphs
+
+    runtime = StandInGraphs()
+    monkeypatch.setitem(steps.GRAPH_RUNTIMES, "cpu", runtime)
+    for module in map(importlib.import_module, ("torch.optim.adam", "torch.optim.adadelta")):
+        supported = module._get_capturable_supported_devices
+        monkeypatch.setattr(module, "_get_capturable_supported_devices",
+                            lambda *a, _f=supported, **k: [*_f(*a, **k), "cpu"])
+    return runtime
+
+
+@pytest.fixture
 def offline(monkeypatch):
     """No network and no FASTRES_DATA: torchvision's CIFAR-10 download fails as it does here."""
     import urllib.error
