@@ -217,6 +217,7 @@ def run_unit(jobs: list[Job], on_epoch=None) -> list[tuple[str, str, str]]:
         ResultsDB,
         ResultsError,
         RunCheckpointer,
+        StoreLocked,
         new_owner,
     )
     from fastres.train import train
@@ -270,7 +271,7 @@ def run_unit(jobs: list[Job], on_epoch=None) -> list[tuple[str, str, str]]:
                             on_epoch=None if on_epoch is None else
                             (lambda i, m: on_epoch(acquired[i].run_id, m)),
                             checkpoints=stores, isolate=(LeaseLost,))
-                except DiskFull:
+                except (DiskFull, StoreLocked):
                     raise  # every other cell would fail the same way
                 except Exception as e:  # the grid goes on; the error is recorded with each run
                     split = isinstance(e, torch.cuda.OutOfMemoryError) and len(acquired) > 1
@@ -296,7 +297,7 @@ def run_unit(jobs: list[Job], on_epoch=None) -> list[tuple[str, str, str]]:
                     db.finish(j.run_id, owner, result)
                     out[j.run_id] = result.status, ""
         return [(j.run_id, *out[j.run_id]) for j in jobs]
-    except (KeyboardInterrupt, DiskFull):  # Interrupted is a KeyboardInterrupt
+    except (KeyboardInterrupt, DiskFull, StoreLocked):  # Interrupted is a KeyboardInterrupt
         for j in acquired:
             try:
                 db.release(j.run_id, owner)  # a no-op unless this owner holds the lease

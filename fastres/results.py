@@ -128,10 +128,28 @@ def _owner_is_dead(owner: str) -> bool:
     return False
 
 
-def _when_unlocked(op, seconds: float = 60.0):
+LOCK_WAIT = 60.0  # seconds to wait for another process's write lock before saying so
+
+
+class StoreLocked(ResultsError):
+    """Another program has held a write lock on the database for longer than LOCK_WAIT."""
+
+
+def _locked(e: BaseException) -> bool:
+    return isinstance(e, sqlite3.OperationalError) and "locked" in str(e)
+
+
+def store_locked(path: Path) -> StoreLocked:
+    return StoreLocked(f"{path} is locked: another program has held a write transaction on it "
+                       f"for over {LOCK_WAIT:g} s (an sqlite3 shell or database browser with "
+                       "uncommitted changes, say); commit or close it there, then rerun (nothing "
+                       "recorded so far is lost; a rerun resumes)")
+
+
+def _when_unlocked(op, seconds: float | None = None):
     """op(), retried while SQLite says the database is locked (another process is creating or
-    converting it), for up to `seconds`."""
-    deadline = time.monotonic() + seconds
+    converting it), for up to `seconds` (LOCK_WAIT)."""
+    deadline = time.monotonic() + (LOCK_WAIT if seconds is None else seconds)
     pause = 0.01
     while True:
         try:
@@ -158,10 +176,10 @@ class ResultsDB:
         self._probe()
         # Never open() the database file ourselves: closing any descriptor of it drops every
         # POSIX lock this process holds on it, including those of live SQLite connections.
-        self.conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        self.conn = sqlite3.connect(self.path, timeout=LOCK_WAIT, isolation_level=None)
         self.conn.row_factory = sqlite3.Row
         try:
-            self.conn.execute("PRAGMA busy_timeout = 60000")
+            self.conn.execute(f"PRAGMA busy_timeout = {int(LOCK_WAIT * 1000)}")
             _when_unlocked(self._check_foreign)
             # Switching to WAL takes an exclusive lock, and SQLite may answer a process creating
             # the same database at the same moment with "database is locked" at once, without
@@ -170,6 +188,8 @@ class ResultsDB:
             self.conn.execute("PRAGMA synchronous = FULL")
         except sqlite3.DatabaseError as e:  # "file is not a database"
             self.conn.close()
+            if _locked(e):
+                raise store_locked(self.path) from None
             if _sqlite_full(e):
                 raise folder_full(self.folder, e) from None
             raise ResultsError(f"{self.path} is not an SQLite database ({e}); refusing to touch "
@@ -186,6 +206,8 @@ class ResultsDB:
             self.conn.close()
             if _sqlite_full(e):
                 raise folder_full(self.folder, e) from None
+            if _locked(e):
+                raise store_locked(self.path) from None
             raise
 
     def _create(self) -> None:
@@ -444,14 +466,19 @@ class _Transaction:
 
     def __enter__(self) -> None:
         # IMMEDIATE takes the write lock up front, so read-then-write is atomic across processes.
-        self.conn.execute("BEGIN IMMEDIATE" if self.immediate else "BEGIN")
+        try:
+            self.conn.execute("BEGIN IMMEDIATE" if self.immediate else "BEGIN")
+        except sqlite3.OperationalError as e:
+            if _locked(e):
+                raise store_locked(self.folder / DB_NAME) from None
+            raise
 
     def __exit__(self, exc_type, exc, _tb) -> None:
         if exc_type is None:
             try:
                 self.conn.execute("COMMIT")
             except sqlite3.OperationalError as e:
-                if not _sqlite_full(e):
+                if not (_sqlite_full(e) or _locked(e)):
                     raise
                 exc = e
             else:
@@ -460,6 +487,9 @@ class _Transaction:
             self.conn.execute("ROLLBACK")
         if exc is not None and _sqlite_full(exc):  # "database or disk is full"
             raise folder_full(self.folder, exc) from None
+        # A deferred BEGIN takes the write lock at its first write: locked there, or at COMMIT.
+        if exc is not None and _locked(exc):
+            raise store_locked(self.folder / DB_NAME) from None
 
 
 class RunCheckpointer:

@@ -385,3 +385,30 @@ def test_one_spec_given_twice_is_one_structure(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "--spec gives" in captured.err and "more than once" in captured.err
     assert "4 cells, 8 epochs" in captured.out  # 2 optimizers x augment on/off, once
+
+
+# ---------------------------------------------------------------- issue 19, 6: a locked store
+
+def test_a_locked_store_is_named_exit_2_and_nothing_lost(tmp_path, monkeypatch, capsys):
+    """Another program holds a write transaction on results.sqlite: after the wait (shortened
+    here from 60 s), one line naming the file and what to do, exit 2, the store as it was."""
+    monkeypatch.setattr("fastres.results.LOCK_WAIT", 0.3)
+    results = tmp_path / "r"
+    db = ResultsDB(results)
+    db.register("earlier", {"label": "an earlier run", "cell": "{}", "protocol_id": "p",
+                            "protocol": "{}", "structure": 1, "spec": "s", "optimizer": "sgd",
+                            "optimizer_settings": "{}", "augment": 1, "normalize": 1,
+                            "tmax": 200, "epochs": 1, "seed": 0})
+    db.close()
+    other = sqlite3.connect(results / DB_NAME, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # e.g. an sqlite3 shell with uncommitted changes
+    try:
+        assert main(args(NO_DATA, results, "--augment", "on", "--epochs", "1")) == 2
+        err = capsys.readouterr().err
+        assert f"error: {results / DB_NAME} is locked: another program has held a write " \
+            "transaction on it" in err and "commit or close it there, then rerun" in err
+        assert "Traceback" not in err and "OperationalError" not in err
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert runs(results) == [("an earlier run", "pending", 0, 0, None)]
