@@ -116,26 +116,34 @@ class PaperBlock(nn.Module):
 
 class PaperResNet(nn.Module):
     """protocol.md's model for (N, B, C_in, F0, P0, F1, P1, K), written independently of
-    fastres.models so that rung 1 is the authors' code shape and nothing of ours."""
+    fastres.models so that rung 1 is the authors' code shape and nothing of ours. Its modules
+    carry the script's names (conv1, bn1, layer{i}.{j}..., linear), so its state_dict is the
+    script's checkpoint format (fastres.models.from_seed_checkpoint loads it)."""
 
     def __init__(self, n: int, b: tuple[int, ...], c_in: int, f0: int, p0: int, f1: int,
                  p1: int, k: int, num_classes: int = 10):
         super().__init__()
+        self.n = n
         self.conv1 = nn.Conv2d(3, c_in, f0, 1, p0, bias=False)
         self.bn1 = nn.BatchNorm2d(c_in)
-        layers, cin = [], c_in
+        cin = c_in
         for i in range(n):
             cout = c_in * 2**i
             blocks = []
             for j in range(b[i]):
                 blocks.append(PaperBlock(cin, cout, 2 if (i > 0 and j == 0) else 1, f1, p1, k))
                 cin = cout
-            layers.append(nn.Sequential(*blocks))
-        self.layers = nn.Sequential(*layers)
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
         self.linear = nn.Linear(cin, num_classes)
 
+    @classmethod
+    def from_spec(cls, spec) -> PaperResNet:
+        return cls(spec.N, spec.B, spec.C_in, spec.F0, spec.P0, spec.F1, spec.P1, spec.K)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.layers(F.relu(self.bn1(self.conv1(x))))
+        out = F.relu(self.bn1(self.conv1(x)))
+        for i in range(self.n):
+            out = getattr(self, f"layer{i + 1}")(out)
         out = F.avg_pool2d(out, out.shape[-2:]).flatten(1)
         return self.linear(out)
 
@@ -156,20 +164,66 @@ class CIFAR10Arrays(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.data[i])), self.targets[i]
 
 
-def paper_transforms() -> tuple[Callable, Callable]:
+def paper_transforms(augment: bool = True, normalize: bool = True
+                     ) -> tuple[Callable, Callable]:
+    """The script's (train, test) torchvision transforms: RandomCrop(32, padding=4) and
+    RandomHorizontalFlip when augmenting, then ToTensor and Normalize (each switchable)."""
     import torchvision.transforms as T
 
-    train = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
-                       T.Normalize(MEAN, STD)])
-    test = T.Compose([T.ToTensor(), T.Normalize(MEAN, STD)])
-    return train, test
+    tail = [T.ToTensor(), *([T.Normalize(MEAN, STD)] if normalize else [])]
+    aug = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if augment else []
+    return T.Compose([*aug, *tail]), T.Compose(tail)
+
+
+def paper_optimizer(name: str, params) -> torch.optim.Optimizer:
+    """Table 2's optimizer as the script builds it: the stock torch.optim class with its own
+    defaults, the table's settings and coupled weight decay."""
+    cls_name, settings = OPTIMIZER_SETTINGS[name]
+    return getattr(torch.optim, cls_name)(params, **settings, weight_decay=WEIGHT_DECAY)
+
+
+class PaperTrainer:
+    """The script's per-step code: its model, the stock optimizer, nn.CrossEntropyLoss, and
+    CosineAnnealingLR(T_max) stepped once per epoch (none when tmax is 0: a constant rate).
+    paper_loop drives it from DataLoaders; tests/test_fidelity.py from fastres's own batches."""
+
+    def __init__(self, spec, optimizer: str = "sgd", tmax: int = TMAX,
+                 device: torch.device | str = "cpu"):
+        self.net = PaperResNet.from_spec(spec).to(device)
+        self.criterion = nn.CrossEntropyLoss()
+        self.optimizer = paper_optimizer(optimizer, self.net.parameters())
+        self.scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=tmax)
+                          if tmax else None)
+
+    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step on the batch (the net in train mode); its loss and outputs."""
+        self.optimizer.zero_grad()
+        outputs = self.net(inputs)
+        loss = self.criterion(outputs, targets)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach(), outputs.detach()
+
+    def eval_batch(self, inputs: torch.Tensor, targets: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss and outputs of one test batch (the net in eval mode)."""
+        with torch.no_grad():
+            outputs = self.net(inputs)
+            return self.criterion(outputs, targets), outputs
+
+    def epoch_end(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.step()
 
 
 def paper_loop(spec, arrays, train_idx, test_idx, workers: int, device: torch.device,
-               epochs: int, on_epoch: Callable[[dict], None], seed: int = 0) -> None:
+               epochs: int, on_epoch: Callable[[dict], None], seed: int = 0,
+               optimizer: str = "sgd", augment: bool = True, tmax: int = TMAX) -> None:
     """The authors' loop: a fresh DataLoader iterator (and workers) each epoch, .item() after
-    every step, cudnn.benchmark on (as their script family sets it on CUDA)."""
-    tr_tf, te_tf = paper_transforms()
+    every step, cudnn.benchmark on (as their script family sets it on CUDA). The model is built
+    right after torch.manual_seed(seed), so its initial weights are fastres's for that seed."""
+    tr_tf, te_tf = paper_transforms(augment)
     (xtr, ytr), (xte, yte) = arrays["train"], arrays["test"]
     if train_idx is not None:
         xtr, ytr = xtr[train_idx], ytr[train_idx]
@@ -181,38 +235,29 @@ def paper_loop(spec, arrays, train_idx, test_idx, workers: int, device: torch.de
                                               num_workers=workers)
     testloader = torch.utils.data.DataLoader(testset, batch_size=PROTO["test_batch"],
                                              shuffle=False, num_workers=workers)
-    net = PaperResNet(spec.N, spec.B, spec.C_in, spec.F0, spec.P0, spec.F1, spec.P1,
-                      spec.K).to(device)
-    criterion = nn.CrossEntropyLoss()
-    optimizer = torch.optim.SGD(net.parameters(), lr=PROTO["lr"], momentum=PROTO["momentum"],
-                                weight_decay=PROTO["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=PROTO["tmax"])
+    run = PaperTrainer(spec, optimizer, tmax, device)
     for epoch in range(1, epochs + 1):
         t0 = time.perf_counter()
-        net.train()
+        lr = run.optimizer.param_groups[0]["lr"]
+        run.net.train()
         train_loss = correct = total = 0
         for inputs, targets in trainloader:
             inputs, targets = inputs.to(device), targets.to(device)
-            optimizer.zero_grad()
-            outputs = net(inputs)
-            loss = criterion(outputs, targets)
-            loss.backward()
-            optimizer.step()
+            loss, outputs = run.train_step(inputs, targets)
             train_loss += loss.item() * targets.size(0)
             total += targets.size(0)
             correct += outputs.max(1)[1].eq(targets).sum().item()
         train_total, train_correct = total, correct
-        net.eval()
+        run.net.eval()
         test_loss = correct = total = 0
-        with torch.no_grad():
-            for inputs, targets in testloader:
-                inputs, targets = inputs.to(device), targets.to(device)
-                outputs = net(inputs)
-                test_loss += criterion(outputs, targets).item() * targets.size(0)
-                total += targets.size(0)
-                correct += outputs.max(1)[1].eq(targets).sum().item()
-        scheduler.step()
-        on_epoch({"epoch": epoch, "seconds": time.perf_counter() - t0,
+        for inputs, targets in testloader:
+            inputs, targets = inputs.to(device), targets.to(device)
+            loss, outputs = run.eval_batch(inputs, targets)
+            test_loss += loss.item() * targets.size(0)
+            total += targets.size(0)
+            correct += outputs.max(1)[1].eq(targets).sum().item()
+        run.epoch_end()
+        on_epoch({"epoch": epoch, "seconds": time.perf_counter() - t0, "lr": lr,
                   "train_loss": train_loss / train_total, "train_acc": train_correct / train_total,
                   "test_loss": test_loss / total, "test_acc": correct / total})
 
