@@ -553,7 +553,9 @@ def main(argv: list[str] | None = None) -> int:
         with stop_on_signals():  # SIGINT, SIGTERM: stop at once, give the run back
             return _run(args)
     except KeyboardInterrupt as e:  # Interrupted, or Ctrl-C before the handlers were set
-        print("[grid] interrupted; rerun to resume", file=sys.stderr, flush=True)
+        # A dry run trains nothing: there is nothing to resume.
+        print("[grid] interrupted" + ("" if args.dry_run else "; rerun to resume"),
+              file=sys.stderr, flush=True)
         return e.exit_code if isinstance(e, Interrupted) else 130
 
 
@@ -587,7 +589,7 @@ def _run(args: argparse.Namespace) -> int:
             return 0
         db = ResultsDB(args.results)  # fail on a bad folder before spending time on data
         live = use_live(sys.stdout, args.quiet)  # the live display: a terminal only
-        if live:
+        if live or args.quiet:  # bars would tear the display, or fill a log with \r lines
             silence_conversion_bars()
         data = prepare(args.data, args.cache)
         train_subset = effective_subset(plan.train_subset, data.num_train, "training",

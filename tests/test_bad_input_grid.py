@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastres.data import BetonPair
+from fastres.data import BetonPair, DataError
 from fastres.grid import main
 from fastres.report import main as report_main
 from fastres.results import DB_NAME, DiskFull, ResultsDB, RunCheckpointer
@@ -357,6 +357,28 @@ def test_flags_that_would_do_nothing_are_said(tmp_path, capsys):
     assert main(args(NO_DATA, tmp_path / "r" / DB_NAME, "--dry-run")) == 2
     assert f"is a file, not a folder; give the folder that holds it: --results {tmp_path / 'r'}" \
         in capsys.readouterr().err
+
+
+def test_quiet_logs_get_no_progress_bars(tmp_path, monkeypatch, capsys):
+    silenced = []
+    monkeypatch.setattr("fastres.grid.silence_conversion_bars", lambda: silenced.append(True))
+
+    def prepare(*_a, **_k):  # as far as the conversion: the bars are off by then
+        raise DataError("stop here")
+
+    monkeypatch.setattr("fastres.data.prepare", prepare)
+    assert main(args(NO_DATA, tmp_path / "r")) == 2  # --quiet
+    assert silenced == [True]
+
+
+def test_ctrl_c_in_a_dry_run_offers_no_resume(tmp_path, monkeypatch, capsys):
+    def interrupted(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("fastres.grid.print_plan", interrupted)
+    assert main(args(NO_DATA, tmp_path / "r", "--dry-run")) == 130
+    err = capsys.readouterr().err
+    assert "[grid] interrupted" in err and "resume" not in err
 
 
 # ---------------------------------------------------------------- issue 19, 3: a cell given twice
