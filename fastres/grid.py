@@ -270,7 +270,9 @@ def run_unit(jobs: list[Job], on_epoch=None) -> list[tuple[str, str, str]]:
                             cfgs, data=acquired[0].data, log=quiet_epochs, bench=bench,
                             on_epoch=None if on_epoch is None else
                             (lambda i, m: on_epoch(acquired[i].run_id, m)),
-                            checkpoints=stores, isolate=(LeaseLost,))
+                            # A run's own I/O (its checkpoint folder, say) fails that run
+                            # alone; a full disk (DiskFull, not an OSError) stops them all.
+                            checkpoints=stores, isolate=(LeaseLost, OSError))
                 except (DiskFull, StoreLocked):
                     raise  # every other cell would fail the same way
                 except Exception as e:  # the grid goes on; the error is recorded with each run

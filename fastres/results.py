@@ -561,7 +561,10 @@ class RunCheckpointer:
             sha = save_checkpoint(path, state)
             best_sha = save_checkpoint(self.folder / "best.pt", best) if best else None
         except OSError as e:
-            path.unlink(missing_ok=True)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:  # e.g. the run's folder is not a folder: the write's error says so
+                pass
             if e.errno in FULL_ERRNOS:
                 label = (db.run(self.run_id) or {}).get("label", self.run_id)
                 raise DiskFull(f"no space left writing the checkpoint of {label} (run "

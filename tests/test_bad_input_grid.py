@@ -434,3 +434,33 @@ def test_a_locked_store_is_named_exit_2_and_nothing_lost(tmp_path, monkeypatch, 
         other.execute("ROLLBACK")
         other.close()
     assert runs(results) == [("an earlier run", "pending", 0, 0, None)]
+
+
+# ---------------------------------------------------------------- issue 19, 2: a run's own fault
+
+def test_one_runs_unwritable_checkpoint_folder_fails_that_run_alone(tiny_betons, tmp_path,
+                                                                    monkeypatch, capsys):
+    """In an array of two, the first run to save finds its checkpoint folder taken by a file:
+    that run is failed with its own error (one attempt), the other finishes."""
+    real = RunCheckpointer.save
+    blocked: list[str] = []
+
+    def folder_is_a_file(self, epoch, state, best):
+        if not blocked:
+            blocked.append(self.run_id)
+            self.folder.parent.mkdir(parents=True, exist_ok=True)
+            self.folder.write_text("not a folder")
+        return real(self, epoch, state, best)
+
+    monkeypatch.setattr(RunCheckpointer, "save", folder_is_a_file)
+    results = tmp_path / "r"
+    assert main(args(tiny_betons, results, "--augment", "on,off", "--epochs", "1",
+                     "--checkpoint-every", "0", "--array", "2")) == 1
+    err = capsys.readouterr().err
+    assert "failed after 1 attempt" in err and blocked[0] in err and "Traceback" not in err
+    rows = table(results, "SELECT run_id, status, attempts, epochs_done, error FROM runs")
+    assert {r[0]: r[1:4] for r in rows} == {
+        rid: ("failed" if rid == blocked[0] else "completed", 1, 1)
+        for rid, *_ in rows}
+    (error,), = [r[4:] for r in rows if r[0] == blocked[0]]
+    assert str(results / "checkpoints" / blocked[0]) in error
