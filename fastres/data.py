@@ -15,17 +15,21 @@ and a cached pair is checked on open (sample count, image shape) and rebuilt if 
 from __future__ import annotations
 
 import errno
+import functools
 import gzip
 import hashlib
 import io
 import json
 import os
 import pickle
+import signal
+import socket
 import stat
+import sys
 import tarfile
 import warnings
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -405,19 +409,68 @@ class _ArrayDataset:
         return self.images[i], int(self.labels[i])
 
 
+def _die_with_parent(parent: int, job: Callable, *args) -> None:
+    """An FFCV writer worker's body: killed as soon as the process that started it dies, so a
+    SIGKILLed conversion leaves no orphan holding hundreds of MB, a shared-memory segment and
+    the temporary file. Linux's PR_SET_PDEATHSIG; elsewhere the job runs as FFCV runs it."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+        if os.getppid() != parent:  # the parent died before the line above
+            os._exit(1)
+    job(*args)
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Delete the temporary files of `path` (`.NAME.tmp-HOST-PID`, or `.NAME.tmp-PID` as written
+    before the host was named) whose process is gone: a conversion killed mid-write leaves its
+    file behind. Another host's files are left alone (its processes cannot be seen from here).
+    Returns what was removed."""
+    host = socket.gethostname()
+    removed = []
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        owner = tmp.name[len(f".{path.name}.tmp-"):]
+        tmp_host, _, pid = owner.rpartition("-")
+        if not pid.isdigit() or tmp_host not in ("", host):
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive (or not ours to signal): still being written
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
+
+
 def write_beton(path: Path, images: np.ndarray, labels: np.ndarray, num_workers: int = 1) -> None:
     """Write raw RGB images and integer labels; the file appears under `path` only when whole."""
     from ffcv.fields import IntField, RGBImageField
-    from ffcv.writer import DatasetWriter
+    from ffcv.utils import chunks
+    from ffcv.writer import DatasetWriter, worker_job_indexed_dataset
 
     if images.dtype != np.uint8 or images.shape[1:] != IMAGE_SHAPE:
         raise DataError(f"images must be uint8 (n, 32, 32, 3), got {images.dtype} {images.shape}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    remove_stale_temporaries(path)
+    tmp = _tmp_name(path)
     try:
         writer = DatasetWriter(str(tmp), {"image": RGBImageField(write_mode="raw"),
                                           "label": IntField()}, num_workers=num_workers)
-        writer.from_indexed_dataset(_ArrayDataset(images, labels))
+        # DatasetWriter.from_indexed_dataset, with workers that die with this process.
+        indices = list(enumerate(range(len(images))))
+        writer._write_common(len(indices), chunks(indices, 100),
+                             functools.partial(_die_with_parent, os.getpid(),
+                                               worker_job_indexed_dataset),
+                             (_ArrayDataset(images, labels),))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -3,13 +3,16 @@ them. A class is never trained without, a broken file is named, and a bad cache 
 is one line naming --cache / FASTRES_CACHE, exit 2, no traceback."""
 
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from fastres.data import CIFAR10_CLASSES, cache_dir, check_beton, prepare
+from fastres.data import CIFAR10_CLASSES, cache_dir, check_beton, prepare, write_beton
 from fastres.train import main
 
 from .conftest import random_images
@@ -62,8 +65,6 @@ def test_a_class_without_images_is_refused(tmp_path, capsys):
 def test_betons_missing_a_class_are_refused(tmp_path, capsys):
     """Given betons, or cached ones converted before nested images were read, that lack a class
     are never trained on (a cached pair is rebuilt from its source)."""
-    from fastres.data import write_beton
-
     folder = tmp_path / "betons"
     labels = np.arange(40) % 10
     labels[labels == 3] = 4  # no cat
@@ -162,3 +163,59 @@ def test_an_unwritable_cache_is_named(tmp_path, capsys):
     assert main(["--spec", SPEC, "--epochs", "1", "--device", "cpu", "--data", str(tree),
                  "--cache", str(tmp_path / "ro")]) == 2
     assert f"--cache {tmp_path / 'ro'} is not writable" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- 5: a conversion killed
+
+CONVERT_SLOWLY = """
+import os, sys, time
+from pathlib import Path
+import numpy as np
+import fastres.data as data
+
+def slow(self, i):  # runs in FFCV's writer worker: say who it is, then take forever
+    Path(sys.argv[2]).write_text(str(os.getpid()))
+    time.sleep(600)
+
+data._ArrayDataset.__getitem__ = slow
+data.write_beton(Path(sys.argv[1]), np.zeros((10, 32, 32, 3), np.uint8), np.arange(10))
+"""
+
+
+def _gone(pid: int) -> bool:
+    """Exited (a zombie no reaper has collected yet counts: it holds no memory or files)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] == "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_killed_conversion_leaves_no_worker_and_its_file_is_cleaned(tmp_path):
+    target, child_pid = tmp_path / "cache" / "train.beton", tmp_path / "worker.pid"
+    proc = subprocess.Popen([sys.executable, "-c", CONVERT_SLOWLY, str(target), str(child_pid)])
+    try:
+        deadline = time.monotonic() + 120
+        while not child_pid.is_file() or not child_pid.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, "no writer worker"
+            time.sleep(0.05)
+        worker = int(child_pid.read_text())
+        proc.kill()  # SIGKILL mid-conversion
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while not _gone(worker):
+            assert time.monotonic() < deadline, f"writer worker {worker} outlived its parent"
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+    (stale,) = target.parent.glob(".train.beton.tmp-*")
+    assert stale.name.endswith(f"-{proc.pid}")
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        kept = target.with_name(f".train.beton.tmp-{live.pid}")  # a conversion still going
+        kept.write_bytes(b"")
+        write_beton(target, random_images(10), np.arange(10))
+        assert sorted(target.parent.iterdir()) == [kept, target]
+    finally:
+        live.kill()
+        live.wait()
