@@ -460,6 +460,43 @@ def check_flags(args: argparse.Namespace) -> None:
               "structures anyway", file=sys.stderr, flush=True)
 
 
+RAY_CONNECT_TIMEOUT = 5.0  # seconds: Ray itself retries an unreachable head for minutes
+
+
+def check_ray(args: argparse.Namespace) -> None:
+    """Ray installed where the grid needs it, and --ray's head reachable (a TCP connection to its
+    port), within seconds and before any data is prepared or step timed; GridError naming --ray
+    otherwise. `auto` (Ray's own lookup of a local cluster) is left to Ray."""
+    import importlib.util
+    import socket
+    from urllib.parse import urlsplit
+
+    if args.ray is None and (args.workers or 1) == 1:
+        return
+    if importlib.util.find_spec("ray") is None:
+        raise GridError("--workers > 1 and --ray need Ray: pip install 'fastres[cluster]'")
+    if args.ray is None or args.ray == "auto":
+        return
+    forms = "HOST:PORT, ray://HOST:PORT or auto"
+    rest = args.ray[len("ray://"):] if args.ray.startswith("ray://") else args.ray
+    try:
+        parts = urlsplit(f"//{rest}")
+        host, port = parts.hostname, parts.port
+    except ValueError:  # a port that is not a number, a bad [IPv6] literal
+        host = port = None
+    if not host or port is None or parts.path or parts.query:
+        raise GridError(f"--ray {args.ray!r} is not an address; expected {forms}")
+    try:
+        socket.create_connection((host, port), timeout=RAY_CONNECT_TIMEOUT).close()
+    except socket.gaierror as e:
+        raise GridError(f"--ray {args.ray}: no such host {host!r} ({e.strerror})") from None
+    except OSError as e:
+        why = e.strerror or type(e).__name__  # a timeout has no strerror
+        raise GridError(f"--ray {args.ray}: cannot reach {host}:{port} ({why}); is a Ray head "
+                        "running there (ray start --head), and is the port open from here?"
+                        ) from None
+
+
 def check_run(args: argparse.Namespace, plan: Plan, cells: list[Cell]) -> tuple[int | None, dict]:
     """Every check that needs no data, made alike by a dry run and a real one: the grid's flags,
     --array, and the run settings of every cell, built as the cell builds them, before any is
@@ -589,6 +626,7 @@ def _run(args: argparse.Namespace) -> int:
                                [plan.epochs] * len(cells), plan.train_subset or CIFAR_SIZES[0],
                                plan.test_subset or CIFAR_SIZES[1], args.workers or 1)
             return 0
+        check_ray(args)  # seconds, not Ray's minutes of retries after the data is ready
         db = ResultsDB(args.results)  # fail on a bad folder before spending time on data
         live = use_live(sys.stdout, args.quiet)  # the live display: a terminal only
         if live or args.quiet:  # bars would tear the display, or fill a log with \r lines

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -464,3 +465,28 @@ def test_one_runs_unwritable_checkpoint_folder_fails_that_run_alone(tiny_betons,
         for rid, *_ in rows}
     (error,), = [r[4:] for r in rows if r[0] == blocked[0]]
     assert str(results / "checkpoints" / blocked[0]) in error
+
+
+# ---------------------------------------------------------------- issue 19, 4: Ray not reachable
+
+@pytest.mark.parametrize("address, message", [
+    ("127.0.0.1:1", "--ray 127.0.0.1:1: cannot reach 127.0.0.1:1 (Connection refused)"),
+    ("ray://nosuchhost.invalid:10001", "--ray ray://nosuchhost.invalid:10001: no such host "
+     "'nosuchhost.invalid'"),
+    ("::not an address::", "--ray '::not an address::' is not an address; expected HOST:PORT, "
+     "ray://HOST:PORT or auto"),
+], ids=["refused", "no-such-host", "not-an-address"])
+def test_a_ray_head_that_cannot_be_reached_fails_first_and_fast(address, message, tmp_path,
+                                                                 monkeypatch, capsys):
+    pytest.importorskip("ray")
+
+    def no_data(*_a, **_k):
+        raise AssertionError("data was prepared before --ray was checked")
+
+    monkeypatch.setattr("fastres.data.prepare", no_data)
+    t0 = time.monotonic()
+    assert main(args(NO_DATA, tmp_path / "r", "--ray", address)) == 2
+    assert time.monotonic() - t0 < 10
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()
