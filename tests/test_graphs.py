@@ -23,6 +23,7 @@ import dataclasses
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastres.models import build
 from fastres.protocol import OPTIMIZER_SETTINGS, PAPER_OPTIMIZERS
@@ -261,3 +262,139 @@ def test_a_warm_graphed_engine_trains_a_second_run_as_eager_does(optimizer, grap
     for graphed, cfg in ((first, first_cfg), (second, second_cfg)):
         eager = run(dataclasses.replace(cfg, graphs=False), tiny_betons)
         assert_close_metrics(graphed, eager, f"{optimizer} seed {cfg.seed}")
+
+
+class Killed(Exception):
+    """Stands for the process dying after an epoch."""
+
+
+def kill_after(epoch: int, run: int = 0):
+    """An on_epoch callback for train (metrics) or train_array (run index, metrics): dies once
+    `run` has ended `epoch`."""
+    def on_epoch(*args):
+        if args[-1].epoch == epoch and (len(args) == 1 or args[0] == run):
+            raise Killed
+    return on_epoch
+
+
+@pytest.mark.parametrize("optimizer", PAPER_OPTIMIZERS)
+def test_a_run_resumes_into_a_graphed_engine_from_an_eager_checkpoint(optimizer, graphed_runs,
+                                                                      tiny_betons):
+    """Killed after epoch 2 of an eager run (the CPU, an older version), resumed with graphs:
+    the engine's optimizer stays fused/capturable through the load (else its capture reads the
+    host and aborts), and the run ends as the uninterrupted eager run."""
+    from fastres.train import train
+
+    from .test_fast_path import QUIET, config, run
+    from .test_train_array import MemoryStore
+
+    cfg = config(optimizer=optimizer, seed=3, epochs=4, tmax=3, checkpoint_every=0)
+    store = MemoryStore()
+    with pytest.raises(Killed):
+        train(cfg, data=tiny_betons, checkpoint=store, on_epoch=kill_after(2), **QUIET)
+    assert store.saved_epochs[-1] == 2
+    resumed = train(dataclasses.replace(cfg, graphs=True), data=tiny_betons, checkpoint=store,
+                    **QUIET)
+    assert graphed_runs.captures >= 2  # epochs 3 and 4 replayed captured steps
+    assert_close_metrics(resumed, run(cfg, tiny_betons), optimizer)
+
+
+def test_runs_resume_into_graphed_engines_from_a_run_array_checkpoint(graphed_runs,
+                                                                      tiny_betons):
+    """An array of three runs (Adam, Adadelta, SGD: eager stock optimizers over views) killed
+    after epoch 2; each run resumed alone on a graphed engine ends as its uninterrupted eager
+    run."""
+    from fastres.train import train
+    from fastres.train_array import train_array
+
+    from .test_fast_path import QUIET, config, run
+    from .test_train_array import MemoryStore
+
+    cfgs = [config(optimizer=o, seed=s, epochs=4, tmax=3, checkpoint_every=0)
+            for o, s in (("adam", 5), ("adadelta", 6), ("sgd", 7))]
+    stores = [MemoryStore() for _ in cfgs]
+    with pytest.raises(Killed):
+        train_array(cfgs, data=tiny_betons, checkpoints=stores, on_epoch=kill_after(2, run=2),
+                    **QUIET)
+    assert [s.saved_epochs[-1] for s in stores] == [2, 2, 2]
+    for cfg, store in zip(cfgs, stores, strict=True):
+        resumed = train(dataclasses.replace(cfg, graphs=True), data=tiny_betons,
+                        checkpoint=store, **QUIET)
+        assert_close_metrics(resumed, run(cfg, tiny_betons), f"array run {cfg.optimizer}")
+
+
+# -- what runs around the graphs: compilation and the per-batch transforms
+
+
+def test_engines_of_four_structures_compile_once_per_shape_and_never_fall_back(monkeypatch,
+                                                                              caplog):
+    """A grid worker builds engine after engine in one process. Compiled as torch.compile(model)
+    they shared ResNet.forward's dynamo cache, and past its recompile limit (8) the rest of the
+    grid ran uncompiled after one log line. Each model now compiles on its own code object:
+    3 graphs per engine (train batch, partial last batch, eval), never the limit. Dynamo alone
+    ("eager" backend) is what decides this; inductor would only make it slower here."""
+    import logging
+
+    from torch._dynamo.utils import counters
+
+    from fastres.workbench import Workbench
+
+    from .test_fast_path import config
+
+    monkeypatch.setattr("fastres.steps.COMPILE_BACKEND", "eager")
+    torch._dynamo.reset()
+    counters.clear()
+    bench = Workbench("cpu")  # keeps two engines: older ones are dropped, as in a grid
+    g = torch.Generator().manual_seed(stable_seed("compile"))
+    with caplog.at_level(logging.WARNING, logger="torch._dynamo"):
+        for channels in (4, 5, 6, 7):
+            spec = ResNetSpec.parse(f"N=2 B=1,1 C_in={channels} F0=3 P0=1 F1=3 P1=1 K=1")
+            cfg = config(spec=spec, compile=True).resolved(log=lambda _m: None)
+            engine, warm = bench.engine(cfg, log=lambda _m: None)
+            assert not warm
+            engine.start_run(cfg)
+            for _epoch in range(2):
+                engine.model.train()
+                for b in (4, 4, 3):  # full batches and a partial last one
+                    engine.steps.train(torch.randn(b, 3, 8, 8, generator=g),
+                                       torch.randint(0, 10, (b,), generator=g))
+                engine.model.eval()
+                engine.steps.eval(torch.randn(5, 3, 8, 8, generator=g),
+                                  torch.randint(0, 10, (5,), generator=g))
+    said = [r.getMessage() for r in caplog.records]
+    assert not [m for m in said if "recompile" in m or "cache_size" in m], said
+    assert counters["stats"]["unique_graphs"] == 4 * 3
+
+
+class HostDataCount(TorchDispatchMode):
+    """Tensors made from host data (torch.tensor, as_tensor): on a GPU each is a pageable
+    host-to-device copy that waits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.default):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_no_tensor_is_made_from_host_data_per_batch(backend, split):
+    from fastres.loaders.augment import DeviceAugment
+
+    train = split == "train"
+    augment = DeviceAugment(crop=train, flip=train, normalize=True, backend=backend,
+                            channels_last=False)
+    g = torch.Generator().manual_seed(stable_seed("host-data", backend, split))
+    images = torch.randint(0, 256, (7, 9, 9, 3), dtype=torch.uint8, generator=g)
+    index = torch.tensor([6, 0, 3])
+    augment(images[:3], g)  # the first batch may make the run's constants
+    augment(images, g, index=index)
+    with HostDataCount() as counted:
+        for _ in range(2):
+            augment(images[:3], g)
+            augment(images, g, index=index)
+    assert counted.count == 0
