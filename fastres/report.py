@@ -29,6 +29,7 @@ from statistics import mean
 
 from fastres.paper import OPTIMIZER_ORDER, TABLE3, TABLE4
 from fastres.results import DONE, ResultsDB, ResultsError
+from fastres.structures import STRUCTURES
 from fastres.tables import FIELDS, fmt, row_average, table_blocks
 
 
@@ -204,6 +205,13 @@ def main(argv: list[str] | None = None) -> int:
                     "in brackets as the tables show it (default 1, else the first)")
     args = ap.parse_args(argv)
     if args.tensorboard:
+        ignored = [f for f, v in (("--out", args.out), ("--figures", args.figures),
+                                  ("--structure", args.structure)) if v is not None]
+        if ignored:  # an export writes no report: say so rather than drop the flags
+            print(f"error: --tensorboard only exports event files; {', '.join(ignored)} "
+                  f"belong{'s' if len(ignored) == 1 else ''} to a report: run the report and "
+                  "the export as two commands", file=sys.stderr)
+            return 2
         return _export_tensorboard(args.results, args.tensorboard)
     try:
         db = ResultsDB(args.results, readonly=True)  # a report never writes the results
@@ -211,6 +219,15 @@ def main(argv: list[str] | None = None) -> int:
     except ResultsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.structure is not None and not args.no_figures:
+        names = sorted({_row_name(r) for r in runs})
+        if args.structure not in names:
+            unknown = args.structure.isdigit() and int(args.structure) not in STRUCTURES
+            print(f"error: --structure {args.structure}: "
+                  + ("there is no such Table 1 structure (1..9)" if unknown
+                     else "no runs of it in these results")
+                  + f"; the results hold {', '.join(names)}", file=sys.stderr)
+            return 2
     cells = table_cells(runs)
     protocol = json.loads(runs[0]["protocol"])
     notes = [f"protocol {chosen}: {protocol['epochs']} epochs, data {protocol['data_kind']} "

@@ -195,3 +195,25 @@ def test_report_reads_a_live_grid_read_only(paper_like, capsys):
     finally:
         reader.close()
         writer.close()
+
+
+@pytest.mark.parametrize("structure, message", [
+    ("99", "--structure 99: there is no such Table 1 structure (1..9); the results hold 1"),
+    ("6", "--structure 6: no runs of it in these results; the results hold 1"),
+], ids=["no-such-structure", "not-in-the-results"])
+def test_a_structure_the_results_lack_is_said(structure, message, paper_like, tmp_path, capsys):
+    """Issue 19: never four figures "skipped" for a structure that is not there."""
+    figs = tmp_path / "figs"
+    assert main(["--results", str(paper_like), "--figures", str(figs),
+                 "--structure", structure]) == 2
+    assert message in capsys.readouterr().err
+    assert not figs.exists()
+
+
+def test_report_flags_an_export_would_drop_are_refused(paper_like, tmp_path, capsys):
+    """Issue 19: --out with --tensorboard wrote no report, without a word."""
+    assert main(["--results", str(paper_like), "--tensorboard", str(tmp_path / "tb"),
+                 "--out", str(tmp_path / "r.md")]) == 2
+    err = capsys.readouterr().err
+    assert "--tensorboard only exports event files; --out belongs to a report" in err
+    assert not (tmp_path / "tb").exists() and not (tmp_path / "r.md").exists()
