@@ -185,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="default 1000 on the CPU, all on a GPU")
     ap.add_argument("--workers", type=int, default=2,
                     help="the paper loop's DataLoader workers (the script's 2)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch's intra-op threads for both sides (default: torch's choice; "
+                    "1 on a CPU shared with other work, where 2-thread kernels stall)")
     ap.add_argument("--smoke", action="store_true",
                     help="seconds: tiny spec, 256 train / 128 test images, 1 epoch x 2 seeds")
     ap.add_argument("--out", default=None, help="folder for fidelity_<tag>.json/.md")
@@ -196,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
 
     device = C.pick_device(args.device)
     gpu = device.type == "cuda"
+    if args.threads:
+        # fastres's FFCV loader then runs as many workers and keeps torch at this count too.
+        torch.set_num_threads(args.threads)
     if args.smoke:
         args.train_subset = args.train_subset or 256
         args.test_subset = args.test_subset or 128

@@ -38,6 +38,7 @@ the run (the rate falls to its minimum and climbs back), and evaluation after ev
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import sys
 from dataclasses import dataclass, field
@@ -91,10 +92,14 @@ class Case:
     tmax: int = 1  # rates: base, minimum (epoch 2), base again (epoch 3: past T_max)
     test_subset: int = 3  # test batch 2: a partial test batch too
     test_batch: int = 2
+    # On an engine a run before it used (a grid worker's next cell): fresh weights from the
+    # seed and a zeroed optimizer state copied into the same tensors (Engine.start_run).
+    warm: bool = False
 
     @property
     def id(self) -> str:
-        return f"s{self.structure}-{self.optimizer}-aug{'on' if self.augment else 'off'}"
+        return (f"s{self.structure}-{self.optimizer}-aug{'on' if self.augment else 'off'}"
+                + ("-warm" if self.warm else ""))
 
 
 # Each (optimizer, augmentation) pair once; each structure sees all five optimizers, both ways.
@@ -103,7 +108,9 @@ CASES = ([Case(1, o, AUG_ON_S1[o], train_subset=5) for o in PAPER_OPTIMIZERS]
          # Structure 6 costs five times structure 1 per image: two epochs (one boundary) at
          # rates base and base / 2; past T_max is structure 1's part.
          + [Case(6, o, not AUG_ON_S1[o], train_subset=3, epochs=2, tmax=2)
-            for o in PAPER_OPTIMIZERS])
+            for o in PAPER_OPTIMIZERS]
+         # Adam's state (moments and step count) is what a reset could leave behind.
+         + [Case(1, "adam", False, train_subset=5, epochs=2, tmax=2, warm=True)])
 
 
 @pytest.fixture(scope="module")
@@ -206,14 +213,25 @@ def run_pair(case: Case, data, tmp_path: Path, monkeypatch) -> tuple[Lockstep, l
     assert (cfg.precision, cfg.kernels, cfg.placement, cfg.graphs, cfg.compile) == \
         ("fp32", "eager", "stream", False, False)  # the CPU's defaults: what this test checks
 
-    # The paper's model, saved as the script saves it; fastres's engine starts from it.
-    torch.manual_seed(seed + 1)  # other weights than fastres's own draw for `seed`
-    paper = epoch_time.PaperTrainer(spec, case.optimizer, case.tmax)
-    ckpt = tmp_path / "paper.pt"
-    torch.save({"net": paper.net.state_dict(), "acc": 0.0, "epoch": 0}, ckpt)
     bench = Workbench(torch.device("cpu"))
-    engine, _ = bench.engine(cfg, quiet)
-    engine.model.load_state_dict(from_seed_checkpoint(ckpt, spec).state_dict())
+    if case.warm:
+        # A run of another seed first, on the same bench; this run then reuses its engine and
+        # draws its weights from its own seed, which the script's do too (see
+        # test_same_seed_same_initial_weights).
+        train(dataclasses.replace(cfg, seed=seed + 1, epochs=1), data=betons, bench=bench,
+              log=quiet)
+        engine, warm = bench.engine(cfg, quiet)
+        assert warm and engine.runs == 1
+        torch.manual_seed(seed)
+        paper = epoch_time.PaperTrainer(spec, case.optimizer, case.tmax)
+    else:
+        # The paper's model, saved as the script saves it; fastres's engine starts from it.
+        torch.manual_seed(seed + 1)  # other weights than fastres's own draw for `seed`
+        paper = epoch_time.PaperTrainer(spec, case.optimizer, case.tmax)
+        ckpt = tmp_path / "paper.pt"
+        torch.save({"net": paper.net.state_dict(), "acc": 0.0, "epoch": 0}, ckpt)
+        engine, _ = bench.engine(cfg, quiet)
+        engine.model.load_state_dict(from_seed_checkpoint(ckpt, spec).state_dict())
     ls = Lockstep(case, arrays, paper, fixed_subset(case.test_subset, len(arrays["test"][1])))
 
     # Record fastres's own draws as it makes them (the real functions, called through).
