@@ -22,10 +22,10 @@ seeds, with standard error sd(difference) / sqrt(S), says whether the two loops 
 than what those draws alone give. (tests/test_fidelity.py shows that given the same draws the
 two compute the same bits, step by step, on the CPU in fp32.)
 
-Defaults: on the CPU the tiny fastres.protocol.SMOKE_SPEC on a fixed 5,000-image training
-subset and 1,000 test images, 2 epochs x 5 seeds (about 15 minutes on 2 shared cores); on a GPU
-structure 1 on all the data, 2 epochs x 5 seeds. SGD with augmentation on unless --optimizer
-and --augment say otherwise.
+Defaults: on the CPU the tiny fastres.protocol.SMOKE_SPEC on a fixed 10,000-image training
+subset and 2,000 test images, 2 epochs x 8 seeds, one torch thread (about 15 minutes on 2
+shared cores); on a GPU structure 1 on all the data, 2 epochs x 8 seeds. SGD with augmentation
+on unless --optimizer and --augment say otherwise.
 """
 
 from __future__ import annotations
@@ -175,19 +175,20 @@ def main(argv: list[str] | None = None) -> int:
                     metavar="on|off")
     ap.add_argument("--tmax", type=int, default=TMAX)
     ap.add_argument("--epochs", type=int, default=None, help="K (default 2)")
-    ap.add_argument("--seeds", type=parse_seeds, default=None, help="e.g. 0-4 (default)")
+    ap.add_argument("--seeds", type=parse_seeds, default=None, help="e.g. 0-7 (the default)")
     ap.add_argument("--data", default=None, help="CIFAR-10 source (default: the JPEG copy)")
     ap.add_argument("--cache", default=None, help="cache for decoded arrays and betons")
     ap.add_argument("--device", default=None)
     ap.add_argument("--train-subset", type=int, default=None,
-                    help="default 5000 on the CPU, all on a GPU")
+                    help="default 10000 on the CPU, all on a GPU")
     ap.add_argument("--test-subset", type=int, default=None,
-                    help="default 1000 on the CPU, all on a GPU")
+                    help="default 2000 on the CPU, all on a GPU")
     ap.add_argument("--workers", type=int, default=2,
                     help="the paper loop's DataLoader workers (the script's 2)")
     ap.add_argument("--threads", type=int, default=None,
-                    help="torch's intra-op threads for both sides (default: torch's choice; "
-                    "1 on a CPU shared with other work, where 2-thread kernels stall)")
+                    help="torch's intra-op threads for both sides (default: 1 on the CPU, where "
+                    "the tiny spec gains little from more and 2-thread kernels stall on cores "
+                    "shared with other work; torch's choice on a GPU)")
     ap.add_argument("--smoke", action="store_true",
                     help="seconds: tiny spec, 256 train / 128 test images, 1 epoch x 2 seeds")
     ap.add_argument("--out", default=None, help="folder for fidelity_<tag>.json/.md")
@@ -199,19 +200,20 @@ def main(argv: list[str] | None = None) -> int:
 
     device = C.pick_device(args.device)
     gpu = device.type == "cuda"
-    if args.threads:
-        # fastres's FFCV loader then runs as many workers and keeps torch at this count too.
-        torch.set_num_threads(args.threads)
     if args.smoke:
         args.train_subset = args.train_subset or 256
         args.test_subset = args.test_subset or 128
         args.epochs = args.epochs or 1
         args.seeds = args.seeds or [0, 1]
     if not gpu:
-        args.train_subset = args.train_subset or 5_000
-        args.test_subset = args.test_subset or 1_000
+        args.train_subset = args.train_subset or 10_000
+        args.test_subset = args.test_subset or 2_000
+        args.threads = args.threads or 1
     args.epochs = args.epochs or 2
-    args.seeds = args.seeds or list(range(5))
+    args.seeds = args.seeds or list(range(8))
+    if args.threads:
+        # fastres's FFCV loader then runs as many workers and keeps torch at this count too.
+        torch.set_num_threads(args.threads)
     args.data = args.data or C.default_data()
     if args.data is None:
         ap.error("no CIFAR-10 source: pass --data or set FASTRES_DATA")

@@ -33,7 +33,14 @@ Cases: structures 1 and 6; each structure runs all five optimizers, and each (op
 augmentation) pair runs on one of the two structures, so both structures see augmentation on
 and off. Each case runs several epochs of a small subset with a last partial batch (the
 reshuffle, the scheduler's step and the partial batch at every boundary), T_max shorter than
-the run (the rate falls to its minimum and climbs back), and evaluation after every epoch.
+the run (the rate falls to its minimum and climbs back), and evaluation after every epoch. One
+more case runs on a warm engine (a run before it on the same workbench, as a grid worker's next
+cell), against the script's fresh model for the same seed.
+
+The paper's side takes fastres's draws, so what the draws are is checked elsewhere: here, that
+each epoch visits the subset once in a new order; tests/test_loader.py, that crop offsets cover
+the 9 x 9 positions uniformly and flips come half the time. benchmarks/fidelity.py compares the
+two loops each with its own draws.
 """
 
 from __future__ import annotations
@@ -209,6 +216,9 @@ def run_pair(case: Case, data, tmp_path: Path, monkeypatch) -> tuple[Lockstep, l
                       augment=case.augment, epochs=case.epochs, tmax=case.tmax, seed=seed,
                       device="cpu", batch_size=case.batch, test_batch_size=case.test_batch,
                       train_subset=case.train_subset, test_subset=case.test_subset,
+                      # One FFCV worker, so one torch thread (FFCV sets torch's count to its
+                      # own): CI's cores are shared, where 2-thread kernels stall. Both sides
+                      # run at whatever count it is.
                       loader_workers=1).resolved(quiet)
     assert (cfg.precision, cfg.kernels, cfg.placement, cfg.graphs, cfg.compile) == \
         ("fp32", "eager", "stream", False, False)  # the CPU's defaults: what this test checks
