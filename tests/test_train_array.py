@@ -246,3 +246,13 @@ def test_triton_array_trains_as_the_eager_solo_runs(betons):
         for name in ("train_loss", "test_loss"):
             assert abs(getattr(ma, name) - getattr(ms, name)) <= 1e-4 * getattr(ms, name), name
         assert (ma.train_acc, ma.test_acc) == (ms.train_acc, ms.test_acc)
+
+
+def test_what_every_run_resolves_alike_is_said_once(betons):
+    """Issue 19: the --kernels auto line (and the CPU's channels-last one) came once per run."""
+    said: list[str] = []
+    cfgs = [config(kernels="auto", channels_last=True, epochs=1, optimizer=opt)
+            for opt in ("sgd", "adam", "nesterov")]
+    train_array(cfgs, data=betons, log=said.append)
+    assert sum(m.startswith("[train] --kernels auto: eager") for m in said) == 1
+    assert sum("channels-last on the CPU" in m for m in said) == 1
