@@ -74,9 +74,12 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def run_fastres(setup: epoch_time.Setup, args, seed: int) -> list[dict]:
-    """fastres.train.train() for one seed: its per-epoch metrics."""
+    """fastres.train.train() for one seed: its per-epoch metrics. The seeds share one workbench,
+    as a grid worker's cells do: data read once, the model compiled once on a GPU; each run
+    starts from its seed's fresh weights (tests/test_fidelity.py's warm case)."""
     from fastres.plan import Cell, GridProtocol
     from fastres.train import train
+    from fastres.workbench import for_device
 
     cell = Cell(setup.spec, args.structure if not args.spec else None, args.optimizer,
                 args.augment, tmax=args.tmax, seed=seed)
@@ -84,7 +87,8 @@ def run_fastres(setup: epoch_time.Setup, args, seed: int) -> list[dict]:
                             test_subset=args.test_subset)
     cfg = cell.config(protocol, {"device": str(setup.device), "data": None,
                                  "cache": args.cache}).resolved(log=lambda _m: None)
-    result = train(cfg, data=setup.betons(), log=lambda _m: None)
+    result = train(cfg, data=setup.betons(), log=lambda _m: None,
+                   bench=for_device(setup.device))
     if result.status != "completed":
         raise RuntimeError(f"fastres run of seed {seed}: {result.status}")
     return [{"epoch": m.epoch, "seconds": m.seconds, **{k: getattr(m, k) for k in METRICS}}
