@@ -65,8 +65,8 @@ COMPUTE = ("precision", "channels_last", "compile", "graphs")
 COMMENT = ("Per-device training-step times, eager vs fastres's Triton kernels, read by "
            "`--kernels auto` (fastres/kernel_choice.py). Written on a GPU by "
            "benchmarks/kernel_table.py, which benchmarks/device_check.sh runs after the native "
-           "kernel equivalence tests; commit the kernel_table.json it returns under $OUT by "
-           "copying it here.")
+           "kernel equivalence tests; commit the 5-kernel_table.json it returns under $OUT "
+           "by copying it here.")
 
 
 def parse_structures(text: str) -> list[int]:
@@ -256,7 +256,9 @@ def main(argv: list[str] | None = None) -> int:
         "triton": triton_version,
         "cuda": torch.version.cuda,
         "python": env["python"],
-        "git_commit": env["git_commit"],
+        # The device machines get a copy of the tree without .git: device_check.sh passes the
+        # commit the caller named (FASTRES_GIT_COMMIT), which the committed table must record.
+        "git_commit": env["git_commit"] or os.environ.get("FASTRES_GIT_COMMIT") or None,
         "command": env["command"],
         "equivalence_tests_passed": bool(args.equivalence_passed) and not smoke,
         "equivalence_tests": args.equivalence_summary,
