@@ -96,21 +96,42 @@ class LiveBoard:
         if self._live is not None:
             self._live.refresh()
 
-    def render(self) -> Group:
-        table = Table(expand=False, header_style="bold", pad_edge=False)
-        table.add_column("run")
-        table.add_column("epoch", justify="right")
-        table.add_column("test acc", justify="right")
-        table.add_column("s/epoch", justify="right")
-        table.add_column("worker")
+    def render(self, height: int | None = None, width: int | None = None) -> Group:
+        """The table of runs in flight and the totals line, within `height` x `width` (the
+        console's): one line per run, labels and workers cut with an ellipsis in a narrow
+        terminal, and runs past the height counted in one row, so the totals and ETA always
+        show."""
+        height = height or self.console.size.height
+        width = width or self.console.size.width
         with self._lock:
-            for r in self.runs.values():
+            runs = list(self.runs.values())
+            # The figures keep their width (rich would shrink every column alike); the worker,
+            # then the label, give way. 14: the borders and the cells' padding; 22: the figures.
+            room_w = width - 14 - 22
+            idle = "(no run in flight)"
+            label_w = max(12, min(max((len(r.label) for r in runs), default=len(idle)),
+                                  room_w - 6))
+            worker_w = max(6, min(24, room_w - label_w))
+            table = Table(expand=False, header_style="bold", pad_edge=False)
+            table.add_column("run", no_wrap=True, max_width=label_w)
+            table.add_column("epoch", justify="right", no_wrap=True, min_width=7)
+            table.add_column("test acc", justify="right", no_wrap=True, min_width=8)
+            table.add_column("s/epoch", justify="right", no_wrap=True, min_width=7)
+            table.add_column("worker", no_wrap=True, overflow="ellipsis", max_width=worker_w)
+            room = max(1, height - 6)  # header and borders (4), totals (1), the cursor's line
+            shown = runs if len(runs) <= room else runs[:room - 1]
+            for r in shown:
+                # Cut from the left: the runs of an array differ in the label's end (optimizer,
+                # augmentation, seed), not in the structure it begins with.
+                label = r.label if len(r.label) <= label_w else "…" + r.label[1 - label_w:]
                 table.add_row(
-                    r.label, f"{r.epoch}/{r.epochs}",
+                    label, f"{r.epoch}/{r.epochs}",
                     "—" if r.test_acc is None else f"{100 * r.test_acc:.2f}%",
                     "—" if r.seconds is None else f"{r.seconds:.1f}", r.worker)
-            if not self.runs:
-                table.add_row("(no run in flight)", "", "", "", "")
+            if len(shown) < len(runs):
+                table.add_row(f"+{len(runs) - len(shown)} more", "", "", "", "")
+            if not runs:
+                table.add_row(idle, "", "", "", "")
             totals = self.totals
         return Group(table, Text(totals, style="bold"))
 
@@ -132,9 +153,10 @@ def local_worker() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def render_text(board: LiveBoard, width: int = 120) -> str:
-    """The board as a terminal of `width` columns shows it, without colour codes."""
+def render_text(board: LiveBoard, width: int = 120, height: int = 50) -> str:
+    """The board as a terminal of `width` x `height` shows it, without colour codes."""
     buf = io.StringIO()
-    Console(file=buf, force_terminal=True, width=width, color_system=None).print(board.render())
+    Console(file=buf, force_terminal=True, width=width, height=height,
+            color_system=None).print(board.render(height, width))
     return buf.getvalue()
 

@@ -118,3 +118,22 @@ def test_grid_on_a_terminal_shows_the_live_table(grid_data, tmp_path):  # noqa: 
     assert any(ch in out for ch in BOX)
     assert "epoch 1/2 test acc" not in out  # no plain epoch lines under the table
     assert "1/1 cells finished" in out  # the closing lines are still printed
+
+
+def test_a_small_terminal_keeps_one_line_per_run_and_the_totals():
+    """Issue 19: in 60x20 each label wrapped to 5 lines and the totals/ETA line was cut."""
+    board = LiveBoard()
+    labels = [f"[N=2 B=1,1 C_in=8 F0=3 P0=1 F1=3 P1=1 K=1] sgd aug=on tmax=200 seed={i}"
+              for i in range(30)]
+    for i, label in enumerate(labels):
+        board.begin(f"r{i}", label, 12, "a-rather-long-host-name:123456")
+    totals = "0/30 cells done, 30 running | epochs 0/360 | ETA 1h05m"
+    board.set_totals(totals)
+    lines = render_text(board, width=60, height=20).splitlines()
+    assert len(lines) <= 20 and max(len(line) for line in lines) <= 60
+    assert lines[-1] == totals
+    rows = [line for line in lines if "seed=" in line]
+    assert len(rows) == 13  # one line each, cut at the left: the seed still shows
+    assert all(f"seed={i} " in row and "…" in row for i, row in enumerate(rows))
+    assert all(row.split("│")[2].strip() == "0/12" for row in rows)
+    assert "+17 more" in "\n".join(lines)
