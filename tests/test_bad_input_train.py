@@ -49,10 +49,22 @@ def no_data(monkeypatch):
     (["--weight-decay", "nan"], "--weight-decay must be zero or a positive finite number"),
     (["--seed", "-1"], "--seed must be in 0..4294967295"),
     (["--seed", str(2**32)], "--seed must be in 0..4294967295"),
+    # Issue 19: past what the results store holds, and meaningless worker counts.
+    (["--epochs", "1" * 20], f"--epochs must be at most 9223372036854775807 (2**63 - 1, the "
+                             f"largest integer the results store holds), got {'1' * 20}"),
+    (["--tmax", "1" * 20], "--tmax must be at most 9223372036854775807"),
+    (["--loader-workers", "-1"], "--loader-workers must be 0 (torch's thread count) or more"),
 ])
 def test_bad_flags_fail_before_any_data(args, message, capsys, no_data):
     assert main([*BASE, *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_param_budget_must_be_positive(capsys, no_data):
+    with pytest.raises(SystemExit) as e:
+        main([*BASE, "--param-budget", "0"])
+    assert e.value.code == 2
+    assert "argument --param-budget: must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_cuda_without_a_gpu(monkeypatch, capsys, no_data):
