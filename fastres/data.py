@@ -343,6 +343,12 @@ def _tar_members(path: Path) -> Iterator[tuple[str, str, str, bytes]]:
     try:
         with tarfile.open(path, "r:*") as tf:
             for m in tf:
+                if m.issym() and Path(m.name).suffix.lower() in IMAGE_SUFFIXES:
+                    # Dangling or not, a link is no image: refused rather than skipped, since
+                    # skipping would train on part of a class without a word.
+                    raise DataError(f"--data {path}: {m.name} in the archive is a symbolic link "
+                                    f"(to {m.linkname}), not an image; archive the images "
+                                    "themselves (tar --dereference)")
                 if not m.isfile():
                     continue
                 parts = Path(m.name).parts

@@ -219,3 +219,16 @@ def test_a_killed_conversion_leaves_no_worker_and_its_file_is_cleaned(tmp_path):
     finally:
         live.kill()
         live.wait()
+
+
+def test_a_link_in_an_archive_is_named_and_refused(tmp_path, capsys):
+    import tarfile
+
+    tree = image_tree(tmp_path / "tree", per_class=1)
+    (tree / "train" / "cat" / "bad.png").symlink_to("missing.png")
+    with tarfile.open(tmp_path / "t.tar.gz", "w:gz") as tf:
+        tf.add(tree, arcname=".")
+    assert run(tmp_path / "t.tar.gz", tmp_path / "cache") == 2
+    err = capsys.readouterr().err
+    assert "train/cat/bad.png in the archive is a symbolic link (to missing.png)" in err
+    assert "Traceback" not in err
