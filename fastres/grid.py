@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sqlite3
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -369,16 +371,30 @@ def run_ray(jobs: list[Job], progress: Progress, workers: int | None, runs_per_g
                         ) from None
     from fastres.cluster import RayCell, run_cells
 
-    if address:
-        ray.init(address=address, log_to_driver=not progress.quiet)
-    else:
-        import torch
+    # ray.init replaces the SIGTERM handler with sys.exit (exit 15, or Ray's C++ abort at
+    # shutdown): the grid's own (stop, give the runs back, "interrupted", 143) is put back, and
+    # a SIGTERM during ray.init itself reads as one.
+    on_sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=not progress.quiet)
+        else:
+            import torch
 
-        gpus = torch.cuda.device_count()
-        # address="local": a Ray of our own, even where another cluster runs on this machine
-        # (`ray start` leaves an address that a bare ray.init() would join, then refuse num_cpus).
-        ray.init(address="local", num_cpus=os.cpu_count(), num_gpus=gpus,
-                 include_dashboard=False, log_to_driver=not progress.quiet)
+            gpus = torch.cuda.device_count()
+            # address="local": a Ray of our own, even where another cluster runs on this
+            # machine (`ray start` leaves an address that a bare ray.init() would join, then
+            # refuse num_cpus).
+            ray.init(address="local", num_cpus=os.cpu_count(), num_gpus=gpus,
+                     include_dashboard=False, log_to_driver=not progress.quiet)
+    except SystemExit as e:
+        if e.code != signal.SIGTERM:
+            raise
+        ray.shutdown()
+        raise Interrupted(signal.SIGTERM) from None
+    finally:
+        if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, on_sigterm)
     try:
         gpus = int(ray.cluster_resources().get("GPU", 0))
         cpus = int(ray.cluster_resources().get("CPU", 1))

@@ -491,3 +491,26 @@ def test_a_ray_head_that_cannot_be_reached_fails_first_and_fast(address, message
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "r").exists()
+
+
+def test_sigterm_of_a_ray_driver_is_the_usual_interrupt(tiny_betons, tmp_path):
+    """ray.init put its own SIGTERM handler (sys.exit) in place of the grid's: exit 15 or
+    Ray's C++ abort (134), leases held. Now: "interrupted; rerun to resume", 143, released."""
+    pytest.importorskip("ray")
+    results = tmp_path / "r"
+    p = spawn([a for a in args(tiny_betons, results, "--augment", "on,off", "--epochs", "50",
+                               "--workers", "2", "--array", "off") if a != "--quiet"])
+    out = []
+    try:
+        for line in p.stdout:
+            out.append(line)
+            if line.startswith("[grid] Ray:"):  # ray.init has returned
+                p.send_signal(signal.SIGTERM)
+                break
+        rest, _ = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    out = "".join(out) + rest
+    assert p.returncode == 143, out
+    assert "interrupted; rerun to resume" in out and "Traceback" not in out
+    assert [r[4] for r in runs(results)] == [None, None]  # no lease left held
