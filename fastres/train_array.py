@@ -21,8 +21,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
-from fastres.arrays import ArrayResNet, ArraySteps, RunViews, array_loss
+from fastres.arrays import ArrayResNet, RunViews, array_loss
 from fastres.checkpoints import BestWeights, StateSaver
 from fastres.config import TrainConfig
 from fastres.data import BetonPair, prepare
@@ -118,14 +119,10 @@ class Array:
         if cfg.channels_last and self.model.uses_grouped(device):
             self.model = self.model.to(memory_format=torch.channels_last)
         self.views = RunViews(self.model, [r.cfg.optimizer for r in runs],
-                              [r.cfg.lr for r in runs], [r.cfg.weight_decay for r in runs],
-                              graphed=bool(cfg.graphs))
-        # One graph per array (and batch size): a smaller array is captured anew.
-        self.steps = ArraySteps(self.model, self.views, device, AMP_DTYPES[cfg.precision],
-                                graphs=bool(cfg.graphs))
+                              [r.cfg.lr for r in runs], [r.cfg.weight_decay for r in runs])
         for i, (run, state) in enumerate(zip(runs, states, strict=True)):
             # The solo order: the schedule on the fresh optimizer, then the saved states.
-            run.schedule = Schedule(self.views.optimizers[i], run.cfg.tmax, run.cfg.lr)
+            run.schedule = Schedule(self.views.optimizers[i], run.cfg.tmax)
             if state is not None:
                 self.views.load_optimizer_state(i, state["optimizer"])
                 run.schedule.load_state_dict(state["scheduler"])
@@ -181,16 +178,17 @@ def train_array(cfgs: Sequence[TrainConfig], data: BetonPair | None = None,
     for i, cfg in enumerate(cfgs):
         # Resident data: every run's batches gathered from one copy on the device.
         cfg = dataclasses.replace(cfg, placement="stream" if asked[i] == "stream" else "resident",
-                                  compile=False)
+                                  graphs=False, compile=False)
         train_loader, test_loader, placement = make_loaders(cfg, data, bench, log)
         cfgs[i] = dataclasses.replace(cfg, placement=placement)
         runs.append(_Run(i, cfgs[i], train_loader, test_loader, checkpoints[i]))
+    amp = AMP_DTYPES[cfgs[0].precision]
     path = "grouped" if (grouped if grouped is not None else device.type == "cuda") \
         else "per-run"
     log(f"[array] {cfgs[0].spec} | {len(runs)} runs as one array ({path}) | {cfgs[0].epochs} "
         f"epochs | {device} {cfgs[0].precision} | {cfgs[0].kernels} kernels | "
         f"{runs[0].train.num_samples} train / {runs[0].test.num_samples} test images, "
-        f"{cfgs[0].placement}{' | graphed' if cfgs[0].graphs else ''} | no compile in arrays yet")
+        f"{cfgs[0].placement} | no CUDA graphs or compile in arrays yet")
 
     states: list[dict | None] = []
     for run in runs:
@@ -231,19 +229,40 @@ def train_array(cfgs: Sequence[TrainConfig], data: BetonPair | None = None,
             members = array.runs
             lrs = [r.schedule.lr for r in members]
             n = len(members)
-            steps = array.steps
-            steps.reset_sums()
+            zero = torch.zeros(n, device=device)
+            train_loss, test_loss = zero.clone(), zero.clone()
+            train_correct = torch.zeros(n, device=device, dtype=torch.long)
+            test_correct = train_correct.clone()
             array.model.train()
             for batches in zip(*[r.train for r in members], strict=True):
-                steps.train([x for x, _ in batches], torch.stack([y for _, y in batches]))
+                xs = [x for x, _ in batches]
+                ys = torch.stack([y for _, y in batches])
+                array.views.zero_grad()
+                with torch.autocast(device.type, dtype=amp or torch.float32,
+                                    enabled=amp is not None):
+                    logits = array.model(xs)
+                total, per_run = array_loss(logits.float(), ys)
+                total.backward()
+                array.views.step()
+                train_loss += per_run * ys.shape[1]
+                train_correct += (logits.argmax(-1) == ys).sum(1)
             for run in members:
                 run.schedule.step()
             array.model.eval()
-            for batches in zip(*[r.test for r in members], strict=True):
-                steps.eval([x for x, _ in batches], torch.stack([y for _, y in batches]))
+            with torch.no_grad():
+                for batches in zip(*[r.test for r in members], strict=True):
+                    ys = [y for _, y in batches]
+                    with torch.autocast(device.type, dtype=amp or torch.float32,
+                                        enabled=amp is not None):
+                        logits = array.model([x for x, _ in batches]).float()
+                    # Per run, as the solo step sums (one batched call may sum in another order).
+                    test_loss += torch.stack([F.cross_entropy(logits[i], y, reduction="sum")
+                                              for i, y in enumerate(ys)])
+                    test_correct += (logits.argmax(-1) == torch.stack(ys)).sum(1)
             array.model.train()
             # The epoch's one host sync: every run's sums at once.
-            sums = steps.sums()
+            sums = torch.stack([train_loss.double(), train_correct.double(),
+                                test_loss.double(), test_correct.double()]).tolist()
             share = (time.perf_counter() - t0) / n  # each run's share of the array's epoch
             for i, run in enumerate(members):
                 m = EpochMetrics(run.epoch + 1, lrs[i], sums[0][i] / run.train.num_samples,
