@@ -291,8 +291,12 @@ if runs 2; then
     echo
     echo "## python -m fastres.grid --preset smoke --array off (one cell at a time, warm engines)"
     echo
-    echo "$([ "$solo_rc" = 0 ] && echo PASS || echo FAIL): rc $solo_rc after $solo_s s" \
-      "$([ "$solo_rc" = 124 ] && echo "(stopped or skipped: the stage's time was spent)")"
+    case $solo_rc in
+      0) echo "PASS: rc 0 after $solo_s s" ;;
+      124) echo "NOT RUN or STOPPED (rc 124 after $solo_s s): the stage's time was spent" ;;
+      [0-9]*) echo "FAIL: rc $solo_rc after $solo_s s" ;;
+      *) echo "$solo_rc" ;;
+    esac
     echo
     log_tail "$RAW/grid_solo.log" 25
   } >"$J"
