@@ -55,7 +55,7 @@ BUDGET_S=${BUDGET_S:-420}
 RESERVE_S=10  # after stage 6: the summary and the last tarball
 GRACE_S=8     # a step's timeout ends this long before its stage's: kill-after 5 s, plus slack
 NAMES=(- machine main_job ladder tests kernel_table leftovers)
-IFS=, read -r -a CAP_LIST <<<"${CAPS:-45,150,100,50,60}"
+IFS=, read -r -a CAP_LIST <<<"${CAPS:-50,150,100,50,55}"
 WANTED=",1,${STAGES:-2,3,4,5,6},"
 runs() { [[ $WANTED == *",$1,"* ]]; }
 caps_total() {  # the caps of the stages that run, plus the reserve

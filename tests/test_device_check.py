@@ -74,9 +74,9 @@ def test_stage_caps_fit_the_budget():
 
 @pytest.mark.parametrize("env, says", [
     ({"BUDGET_S": "300"}, "over BUDGET_S=300"),
-    ({"CAPS": "45,150,100,50,60,9"}, "five numbers"),
-    ({"CAPS": "45,150,1e9,50,60"}, "five numbers"),
-    ({"CAPS": "45,150,300,50,60"}, "over BUDGET_S=420"),
+    ({"CAPS": "50,150,100,50,55,9"}, "five numbers"),
+    ({"CAPS": "50,150,1e9,50,55"}, "five numbers"),
+    ({"CAPS": "50,150,300,50,55"}, "over BUDGET_S=420"),
 ])
 def test_caps_over_the_budget_are_refused_before_anything_runs(tmp_path, env, says):
     out = tmp_path / "out"
