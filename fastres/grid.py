@@ -693,10 +693,10 @@ def _run(args: argparse.Namespace) -> int:
         for spec, n in sizes.items():
             if n > 1:
                 print(f"[grid] {spec}: its runs in arrays of up to {n}", flush=True)
-        if max(sizes.values(), default=1) > 1 and (args.compile or args.graphs):
-            print(f"[grid] note: --{'compile' if args.compile else 'graphs'} on does not apply "
-                  "to run arrays yet (they run eager); --array off trains each run with it",
-                  file=sys.stderr, flush=True)
+        if max(sizes.values(), default=1) > 1 and args.compile:
+            print("[grid] note: --compile on does not apply to run arrays yet (they run "
+                  "uncompiled, their whole step in CUDA graphs on a GPU); --array off trains "
+                  "each run compiled", file=sys.stderr, flush=True)
         with progress:
             if use_ray:
                 run_ray(jobs, progress, workers, args.runs_per_gpu, args.ray, args.max_retries,

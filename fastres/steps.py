@@ -268,7 +268,7 @@ class Steps:
         self.amp_dtype, self.scaler, self.graphs = amp_dtype, scaler, graphs
         self.warm, self.log = WARM_STEPS if warm is None else warm, log
         self.seen: dict[tuple[str, int], int] = {}
-        self.captured: dict[tuple[str, int], tuple[Graph, torch.Tensor, torch.Tensor]] = {}
+        self.captured: dict[tuple[str, int], tuple[Graph, tuple[torch.Tensor, ...]]] = {}
         zero = torch.zeros((), device=device)
         self.train_loss, self.test_loss = zero.clone(), zero.clone()
         self.train_correct = torch.zeros((), device=device, dtype=torch.long)
@@ -308,41 +308,44 @@ class Steps:
 
     def train(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """One optimizer step on the batch (the model in train mode)."""
-        if not self.graphs:
-            self.opt.zero_grad(set_to_none=True)
-            self._train_body(x, y)
-            return
-        self._graphed("train", x, y, self._train_body)
+        self._step("train", (x, y), self._train_body)
 
     def eval(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Loss and accuracy sums of one test batch (the model in eval mode)."""
-        if not self.graphs:
-            self._eval_body(x, y)
-            return
-        self._graphed("eval", x, y, self._eval_body)
+        self._step("eval", (x, y), self._eval_body)
 
-    def _graphed(self, mode: str, x: torch.Tensor, y: torch.Tensor, body) -> None:
-        key = (mode, x.shape[0])
+    def _clear_grads(self) -> None:
+        # Set to None, not zeroed: backward then allocates them, under a capture in the
+        # graph's own pool, and each replay rewrites them in place.
+        self.opt.zero_grad(set_to_none=True)
+
+    def _step(self, mode: str, inputs: tuple[torch.Tensor, ...], body) -> None:
+        if not self.graphs:
+            if mode == "train":
+                self._clear_grads()
+            body(*inputs)
+            return
+        key = (mode, inputs[-1].shape[0])  # the batch size (the last input is batch-first)
         if key in self.captured:
-            graph, sx, sy = self.captured[key]
-            sx.copy_(x)
-            sy.copy_(y)
+            graph, static = self.captured[key]
+            for s, t in zip(static, inputs, strict=True):
+                s.copy_(t)
             graph.replay()
             return
         if self.seen.get(key, 0) < self.warm:
             self.seen[key] = self.seen.get(key, 0) + 1
             with self.runtime.on_side(self.side, self.device):
                 if mode == "train":
-                    self.opt.zero_grad(set_to_none=True)
-                body(x, y)
+                    self._clear_grads()
+                body(*inputs)
             return
         # Capture records without running; the replay right after computes this batch.
         t0 = time.perf_counter()
-        sx, sy = x.clone(), y.clone()
+        static = tuple(t.clone() for t in inputs)
         if mode == "train":
-            self.opt.zero_grad(set_to_none=True)  # gradients from the graph's own pool
-        graph = self.runtime.capture(lambda: body(sx, sy), self.side, self.device)
-        self.captured[key] = (graph, sx, sy)
+            self._clear_grads()
+        graph = self.runtime.capture(lambda: body(*static), self.side, self.device)
+        self.captured[key] = (graph, static)
         self.capture_seconds += time.perf_counter() - t0
         graph.replay()
 

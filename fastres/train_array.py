@@ -7,6 +7,9 @@ the array. Runs may stand at different epochs (resumed from checkpoints written 
 other sizes, or alone): each counts its own. A run that finishes or diverges leaves the array
 at the end of that epoch; the rest go on in a smaller array.
 
+Each step is fastres.arrays.ArraySteps: on a GPU (cfg.graphs) the whole array step is replayed
+from one CUDA graph per batch size, every run's optimizer inside it.
+
 A run's checkpoint is a solo run's (paper keys, its optimizer's solo state_dict), so it resumes
 alone or in an array of any size.
 """
@@ -21,9 +24,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
-from fastres.arrays import ArrayResNet, RunViews, array_loss
+from fastres.arrays import ArrayResNet, ArraySteps, RunViews, array_loss
 from fastres.checkpoints import BestWeights, StateSaver
 from fastres.config import TrainConfig
 from fastres.data import BetonPair, prepare
@@ -119,10 +121,14 @@ class Array:
         if cfg.channels_last and self.model.uses_grouped(device):
             self.model = self.model.to(memory_format=torch.channels_last)
         self.views = RunViews(self.model, [r.cfg.optimizer for r in runs],
-                              [r.cfg.lr for r in runs], [r.cfg.weight_decay for r in runs])
+                              [r.cfg.lr for r in runs], [r.cfg.weight_decay for r in runs],
+                              graphed=bool(cfg.graphs))
+        # One graph per array (and batch size): a smaller array is captured anew.
+        self.steps = ArraySteps(self.model, self.views, device, AMP_DTYPES[cfg.precision],
+                                graphs=bool(cfg.graphs))
         for i, (run, state) in enumerate(zip(runs, states, strict=True)):
             # The solo order: the schedule on the fresh optimizer, then the saved states.
-            run.schedule = Schedule(self.views.optimizers[i], run.cfg.tmax)
+            run.schedule = Schedule(self.views.optimizers[i], run.cfg.tmax, run.cfg.lr)
             if state is not None:
                 self.views.load_optimizer_state(i, state["optimizer"])
                 run.schedule.load_state_dict(state["scheduler"])
@@ -178,17 +184,16 @@ def train_array(cfgs: Sequence[TrainConfig], data: BetonPair | None = None,
     for i, cfg in enumerate(cfgs):
         # Resident data: every run's batches gathered from one copy on the device.
         cfg = dataclasses.replace(cfg, placement="stream" if asked[i] == "stream" else "resident",
-                                  graphs=False, compile=False)
+                                  compile=False)
         train_loader, test_loader, placement = make_loaders(cfg, data, bench, log)
         cfgs[i] = dataclasses.replace(cfg, placement=placement)
         runs.append(_Run(i, cfgs[i], train_loader, test_loader, checkpoints[i]))
-    amp = AMP_DTYPES[cfgs[0].precision]
     path = "grouped" if (grouped if grouped is not None else device.type == "cuda") \
         else "per-run"
     log(f"[array] {cfgs[0].spec} | {len(runs)} runs as one array ({path}) | {cfgs[0].epochs} "
         f"epochs | {device} {cfgs[0].precision} | {cfgs[0].kernels} kernels | "
         f"{runs[0].train.num_samples} train / {runs[0].test.num_samples} test images, "
-        f"{cfgs[0].placement} | no CUDA graphs or compile in arrays yet")
+        f"{cfgs[0].placement}{' | graphed' if cfgs[0].graphs else ''} | no compile in arrays yet")
 
     states: list[dict | None] = []
     for run in runs:
@@ -229,40 +234,19 @@ def train_array(cfgs: Sequence[TrainConfig], data: BetonPair | None = None,
             members = array.runs
             lrs = [r.schedule.lr for r in members]
             n = len(members)
-            zero = torch.zeros(n, device=device)
-            train_loss, test_loss = zero.clone(), zero.clone()
-            train_correct = torch.zeros(n, device=device, dtype=torch.long)
-            test_correct = train_correct.clone()
+            steps = array.steps
+            steps.reset_sums()
             array.model.train()
             for batches in zip(*[r.train for r in members], strict=True):
-                xs = [x for x, _ in batches]
-                ys = torch.stack([y for _, y in batches])
-                array.views.zero_grad()
-                with torch.autocast(device.type, dtype=amp or torch.float32,
-                                    enabled=amp is not None):
-                    logits = array.model(xs)
-                total, per_run = array_loss(logits.float(), ys)
-                total.backward()
-                array.views.step()
-                train_loss += per_run * ys.shape[1]
-                train_correct += (logits.argmax(-1) == ys).sum(1)
+                steps.train([x for x, _ in batches], torch.stack([y for _, y in batches]))
             for run in members:
                 run.schedule.step()
             array.model.eval()
-            with torch.no_grad():
-                for batches in zip(*[r.test for r in members], strict=True):
-                    ys = [y for _, y in batches]
-                    with torch.autocast(device.type, dtype=amp or torch.float32,
-                                        enabled=amp is not None):
-                        logits = array.model([x for x, _ in batches]).float()
-                    # Per run, as the solo step sums (one batched call may sum in another order).
-                    test_loss += torch.stack([F.cross_entropy(logits[i], y, reduction="sum")
-                                              for i, y in enumerate(ys)])
-                    test_correct += (logits.argmax(-1) == torch.stack(ys)).sum(1)
+            for batches in zip(*[r.test for r in members], strict=True):
+                steps.eval([x for x, _ in batches], torch.stack([y for _, y in batches]))
             array.model.train()
             # The epoch's one host sync: every run's sums at once.
-            sums = torch.stack([train_loss.double(), train_correct.double(),
-                                test_loss.double(), test_correct.double()]).tolist()
+            sums = steps.sums()
             share = (time.perf_counter() - t0) / n  # each run's share of the array's epoch
             for i, run in enumerate(members):
                 m = EpochMetrics(run.epoch + 1, lrs[i], sums[0][i] / run.train.num_samples,

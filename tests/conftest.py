@@ -100,6 +100,14 @@ def standin_graphs(monkeypatch):
 
 
 @pytest.fixture
+def graphed_runs(standin_graphs, monkeypatch):
+    """The stand-in with one warm-up per shape, so a 3-epoch run of fastres.train or
+    train_array captures its partial last batch too."""
+    monkeypatch.setattr("fastres.steps.WARM_STEPS", 1)
+    return standin_graphs
+
+
+@pytest.fixture
 def offline(monkeypatch):
     """No network and no FASTRES_DATA: torchvision's CIFAR-10 download fails as it does here."""
     import urllib.error

@@ -218,13 +218,6 @@ def test_the_host_schedule_of_a_device_rate_does_not_warn(standin_graphs, recwar
 # -- whole runs through fastres.train on graphed engines (the stand-in)
 
 
-@pytest.fixture
-def graphed_runs(standin_graphs, monkeypatch):
-    """One warm-up per shape, so a 3-epoch run captures its partial last batch too."""
-    monkeypatch.setattr("fastres.steps.WARM_STEPS", 1)
-    return standin_graphs
-
-
 def assert_close_metrics(graphed, eager, what: str) -> None:
     """Per-epoch metrics of two runs within the tolerance above (the module's docstring)."""
     assert [m.epoch for m in graphed.epochs] == [m.epoch for m in eager.epochs], what
