@@ -81,22 +81,13 @@ def poisoned_ieee_fp32():
 
 
 @pytest.fixture
-def standin_graphs(monkeypatch):
+def standin_graphs():
     """CUDA graphs on the CPU for one test (tests/graph_standin.py): graphs=True runs through
     the stand-in, and torch's capturable optimizers accept CPU tensors."""
-    import importlib
+    from .graph_standin import installed
 
-    from fastres import steps
-
-    from .graph_standin import StandInGraphs
-
-    runtime = StandInGraphs()
-    monkeypatch.setitem(steps.GRAPH_RUNTIMES, "cpu", runtime)
-    for module in map(importlib.import_module, ("torch.optim.adam", "torch.optim.adadelta")):
-        supported = module._get_capturable_supported_devices
-        monkeypatch.setattr(module, "_get_capturable_supported_devices",
-                            lambda *a, _f=supported, **k: [*_f(*a, **k), "cpu"])
-    return runtime
+    with installed() as runtime:
+        yield runtime
 
 
 @pytest.fixture

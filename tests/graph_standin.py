@@ -18,13 +18,15 @@ It has a CUDA graph's semantics, not "call the function again":
   itself passes to its update; tests count those separately.)
 Streams and synchronisation are no-ops on the CPU.
 
-`standin_graphs` (a fixture) registers it for the CPU in fastres.steps.GRAPH_RUNTIMES and lets
-torch's capturable optimizers run on CPU tensors, for the length of a test.
+`installed()` registers it for the CPU in fastres.steps.GRAPH_RUNTIMES and lets torch's
+capturable optimizers run on CPU tensors, until it exits: the suite's `standin_graphs` fixture
+uses it for one test, benchmarks/arrays.py --host for its graphed rows on the CPU.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -161,3 +163,27 @@ class StandInGraphs:
                 storage.copy_(before)
         self.captures += 1
         return StandInGraph(recorder.ops)
+
+
+@contextlib.contextmanager
+def installed() -> Iterator[StandInGraphs]:
+    """graphs=True on the CPU runs through a fresh StandInGraphs while inside."""
+    from fastres import steps
+
+    runtime = StandInGraphs()
+    modules = [importlib.import_module(m) for m in ("torch.optim.adam", "torch.optim.adadelta")]
+    kept = [m._get_capturable_supported_devices for m in modules]
+    before = steps.GRAPH_RUNTIMES.get("cpu")
+    steps.GRAPH_RUNTIMES["cpu"] = runtime
+    try:
+        for module, supported in zip(modules, kept, strict=True):
+            module._get_capturable_supported_devices = (
+                lambda *a, _f=supported, **k: [*_f(*a, **k), "cpu"])
+        yield runtime
+    finally:
+        for module, supported in zip(modules, kept, strict=True):
+            module._get_capturable_supported_devices = supported
+        if before is None:
+            steps.GRAPH_RUNTIMES.pop("cpu", None)
+        else:
+            steps.GRAPH_RUNTIMES["cpu"] = before
