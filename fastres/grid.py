@@ -561,8 +561,11 @@ def parse_array(value: str) -> int | None:
     return n
 
 
-def array_sizes(asked: int | None, configs: dict[str, object], log=print) -> dict[str, int]:
-    """Runs per array for each spec (configs: spec -> one of its resolved TrainConfigs)."""
+def array_sizes(asked: int | None, configs: dict[str, object], log=print,
+                records: dict[str, dict] | None = None) -> dict[str, int]:
+    """Runs per array for each spec (configs: spec -> one of its resolved TrainConfigs). On a
+    GPU `auto` measures (fastres.train_array.choose_array) and puts what it measured and chose
+    in `records` (spec -> record)."""
     sizes = {}
     for spec, cfg in configs.items():
         if cfg.precision == "fp16":
@@ -576,9 +579,15 @@ def array_sizes(asked: int | None, configs: dict[str, object], log=print) -> dic
 
             sizes[spec] = fit_host_array(cfg, AUTO_ARRAY_CAP, log)
         else:
-            from fastres.train_array import fit_array
+            from fastres.train_array import choose_array
+            from fastres.workbench import for_device
 
-            sizes[spec] = fit_array(cfg, AUTO_ARRAY_CAP, log)
+            # One run at a time is timed on this process's workbench: its warm engine is the
+            # one the first of those runs trains on.
+            sizes[spec], record = choose_array(cfg, AUTO_ARRAY_CAP, log,
+                                               bench=for_device(cfg.device))
+            if records is not None:
+                records[spec] = record
     return sizes
 
 
@@ -689,7 +698,13 @@ def _run(args: argparse.Namespace) -> int:
         for j in todo:
             configs.setdefault(str(j.cell.spec), j.cell.config(j.protocol, j.compute)
                                .resolved(log=lambda _m: None))
-        sizes = array_sizes(array_asked, configs)
+        chosen: dict[str, dict] = {}
+        sizes = array_sizes(array_asked, configs, records=chosen)
+        if chosen:  # kept beside the runs: how this grid sized each structure's arrays
+            db = ResultsDB(args.results)
+            for spec, record in chosen.items():
+                db.note(f"array size {spec}", record)
+            db.close()
         for spec, n in sizes.items():
             if n > 1:
                 print(f"[grid] {spec}: its runs in arrays of up to {n}", flush=True)

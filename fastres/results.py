@@ -296,6 +296,17 @@ class ResultsDB:
     def close(self) -> None:
         self.conn.close()
 
+    def note(self, key: str, value: dict) -> None:
+        """Keep a decision the grid made (say, how it sized a structure's arrays) beside the
+        runs, as JSON under `key` in the meta table; a later grid replaces it."""
+        with self.transaction(immediate=True):
+            self.conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                              (f"note:{key}", json.dumps(value, sort_keys=True)))
+
+    def notes(self) -> dict[str, dict]:
+        rows = self.conn.execute("SELECT key, value FROM meta WHERE key LIKE 'note:%'")
+        return {k[len("note:"):]: json.loads(v) for k, v in rows.fetchall()}
+
     # ------------------------------------------------------------------ runs
 
     def register(self, run_id: str, row: dict[str, Any]) -> None:

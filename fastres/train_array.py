@@ -19,17 +19,20 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+import fastres.steps
 from fastres.arrays import ArrayResNet, ArraySteps, RunViews, array_loss
 from fastres.checkpoints import BestWeights, StateSaver
 from fastres.config import TrainConfig
 from fastres.data import BetonPair, prepare
 from fastres.models import build
+from fastres.protocol import PAPER_OPTIMIZERS
 from fastres.records import Checkpointer, EpochMetrics, RunResult, best_of, finite
 from fastres.signals import Interrupted, StopRequest
 from fastres.steps import AMP_DTYPES, Schedule
@@ -380,6 +383,76 @@ def fit_array(cfg: TrainConfig, cap: int, log: Callable[[str], None] = print) ->
     log(f"[array] {cfg.spec}: {per_run / 2**20:.0f} MiB per run at batch {cfg.batch_size}, "
         f"{free / 2**30:.1f} GiB free: arrays of up to {n}")
     return n
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step_ms_per_run(cfg: TrainConfig, runs: int, steps: int = 10,
+                    bench: Workbench | None = None) -> float:
+    """Milliseconds per run-step of training `runs` runs of cfg's spec as the grid would train
+    them, on random batches of cfg.batch_size: runs=1 through the workbench's engine for cfg
+    (compiled and graphed as cfg says; the engine stays warm for the runs that follow), more as
+    one array (graphed as cfg says, optimizers cycling over Table 2's). Warm-ups and captures
+    first, then the median of `steps` timed steps."""
+    device = torch.device(cfg.device)
+    gen = torch.Generator().manual_seed(0)
+    amp = AMP_DTYPES[cfg.precision]
+    xs = [torch.randn(cfg.batch_size, 3, 32, 32, generator=gen).to(device, amp or torch.float32)
+          for _ in range(runs)]
+    if cfg.channels_last:
+        xs = [x.contiguous(memory_format=torch.channels_last) for x in xs]
+    ys = torch.randint(0, 10, (runs, cfg.batch_size), generator=gen).to(device)
+    if runs == 1:
+        engine, _warm = (bench or Workbench(device)).engine(cfg, log=lambda _m: None)
+        engine.start_run(cfg)
+        engine.model.train()
+        step = lambda: engine.steps.train(xs[0], ys[0])  # noqa: E731
+    else:
+        names = [PAPER_OPTIMIZERS[r % len(PAPER_OPTIMIZERS)] for r in range(runs)]
+        model = array_class(cfg.kernels).from_seeds(cfg.spec, range(runs), device, grouped=True)
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        views = RunViews(model, names, graphed=bool(cfg.graphs))
+        array = ArraySteps(model.train(), views, device, amp, graphs=bool(cfg.graphs))
+        step = lambda: array.train(xs, ys)  # noqa: E731
+    for _ in range(fastres.steps.WARM_STEPS + 2):  # warm-ups, the capture, a replay
+        step()
+    times = []
+    for _ in range(steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times) / runs
+
+
+def choose_array(cfg: TrainConfig, cap: int, log: Callable[[str], None] = print,
+                 bench: Workbench | None = None) -> tuple[int, dict]:
+    """Runs per array for cfg's spec on its device, by measurement: the largest array that fits
+    (fit_array on a GPU, fit_host_array on the CPU) against one run at a time, each timed as it
+    would train (step_ms_per_run); the faster per run-step wins. Returns the size and what was
+    measured, for the record."""
+    fit = fit_array if cfg.device.startswith("cuda") else fit_host_array
+    largest = fit(cfg, cap, log)
+    record: dict = {"largest_fitting": largest, "device": cfg.device,
+                    "graphs": bool(cfg.graphs), "compile_one_at_a_time": bool(cfg.compile)}
+    if largest == 1:
+        record["chose"] = 1
+        return 1, record
+    alone = step_ms_per_run(cfg, 1, bench=bench)
+    array = step_ms_per_run(cfg, largest)
+    chose = largest if array < alone else 1
+    record.update(ms_per_run_step_alone=round(alone, 4),
+                  ms_per_run_step_array=round(array, 4), chose=chose)
+    log(f"[array] {cfg.spec}: measured per run-step: one at a time {alone:.3f} ms"
+        f"{' (compiled' if cfg.compile else ' ('}{', graphed)' if cfg.graphs else ')'}, "
+        f"array of {largest} {array:.3f} ms{' (graphed)' if cfg.graphs else ''}: "
+        + (f"arrays of up to {largest}" if chose > 1 else "one run at a time"))
+    return chose, record
 
 
 def host_bytes_per_run(cfg: TrainConfig) -> int:

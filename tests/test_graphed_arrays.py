@@ -124,3 +124,26 @@ def test_an_array_step_dispatches_no_per_run_gradient_work_on_the_host(tiny_beto
     views.check_views()
     assert all(v.grad is g for run_views, gs in zip(views.params, grads, strict=True)
                for v, g in zip(run_views, gs, strict=True))
+
+
+def test_auto_sizes_arrays_by_measured_step_time_and_records_it(graphed_runs, monkeypatch,
+                                                                 tmp_path):
+    """choose_array (what --array auto runs on a GPU): the largest array that fits against one
+    run at a time, each timed as it would train (graphed here, through the stand-in), the faster
+    per run-step wins; what was measured is said, returned, and kept in the results store."""
+    import fastres.train_array as ta
+    from fastres.results import ResultsDB
+
+    monkeypatch.setattr(ta, "fit_host_array", lambda cfg, cap, log: 3)
+    said: list[str] = []
+    cfg = config(graphs=True, batch_size=4).resolved(log=lambda _m: None)
+    size, record = ta.choose_array(cfg, 10, log=said.append)
+    assert record["largest_fitting"] == 3 and record["chose"] == size
+    alone, array = record["ms_per_run_step_alone"], record["ms_per_run_step_array"]
+    assert alone > 0 and array > 0
+    assert size == (3 if array < alone else 1)
+    assert any("measured per run-step" in m and "array of 3" in m for m in said), said
+    db = ResultsDB(tmp_path)
+    db.note("array size x", record)
+    assert db.notes() == {"array size x": record}
+    db.close()
