@@ -44,7 +44,7 @@ class DeviceAdagrad(torch.optim.Optimizer):
                                            memory_format=torch.preserve_format)}
 
     @torch.no_grad()
-    def step(self, closure=None):  # noqa: D102 - torch's signature
+    def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
