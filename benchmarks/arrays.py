@@ -28,22 +28,46 @@ it includes that cell's batches), on Linux CPUs the peak resident-set growth ove
 
 The last line is `array speedup (grouped vs one at a time): R=1: <x>x, ...` for the first
 structure.
+
+--host (issue 18: what the host does per step, with negligible arithmetic)
+
+    python benchmarks/arrays.py --host --structures 1,6  # R = 1, 2, 5, 10, batch 2, C_in=4
+    python benchmarks/arrays.py --host --smoke           # R = 1, 2, 2 timed steps
+
+Each structure's layer layout at C_in=4 (dataclasses.replace(STRUCTURES[s], C_in=4)), fp32,
+batch 2 of 32x32 images per run, optimizers cycling over Table 2's five, four ways to take one
+training step of R runs: one run eager / graphed (R solo fastres.steps.Steps, graphs=False /
+True, one after the other) and an array eager / graphed (one fastres.arrays.ArraySteps over
+ArrayResNet and RunViews, graphs=False / True; --array-path grouped, the GPU's default, or
+per-run). Graphed optimizers are make_optimizer(..., graphed=True). On the CPU graphed rows run
+through tests/graph_standin.py (installed() for the whole run). Each variant warms up
+WARM_STEPS + 2 steps (every graph captured, and replayed once), then counts the aten ops of
+--count-steps steps with a TorchDispatchMode (every op at the dispatcher: forward, backward,
+update; the stand-in's replays run with the mode off, since what they re-run is the device's
+work) and times --steps steps (default 20; --budget-s bounds the run as above). Host ms per
+run-step: on the CPU the step's wall time minus the time inside the stand-in's replays, over R;
+on CUDA the step call's wall time before synchronising, over R, with device ms per run-step
+from CUDA events beside it. One torch thread on the CPU unless --threads. The last line is
+`array graphed ops/step (structure <s>): R=1: <n> (<c> copy_), ...` for the first structure.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import gc
 import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402  (also puts the checkout on sys.path)
@@ -55,10 +79,10 @@ from _common import (  # noqa: E402  (also puts the checkout on sys.path)
     write_outputs,
 )
 
-from fastres.arrays import ArrayResNet, RunViews, array_loss  # noqa: E402
+from fastres.arrays import ArrayResNet, ArraySteps, RunViews, array_loss  # noqa: E402
 from fastres.models import build  # noqa: E402
 from fastres.protocol import PAPER_OPTIMIZERS, SMOKE_SPEC  # noqa: E402
-from fastres.steps import make_optimizer  # noqa: E402
+from fastres.steps import WARM_STEPS, Steps, make_optimizer  # noqa: E402
 from fastres.structures import NUM_CLASSES, STRUCTURES, ResNetSpec  # noqa: E402
 
 VARIANTS = ("solo", "grouped", "per_run")
@@ -220,6 +244,251 @@ def run_variant(variant: str, spec: ResNetSpec, runs: int, args: argparse.Namesp
     return {"error": "no layout ran", "notes": notes}
 
 
+# ---------------------------------------------------------------------------- --host
+
+
+HOST_VARIANTS = ("one_eager", "one_graphed", "array_eager", "array_graphed")
+HOST_LABELS = {"one_eager": "one run eager", "one_graphed": "one run graphed",
+               "array_eager": "array eager", "array_graphed": "array graphed"}
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts every aten op dispatched while active (below autograd: forward, backward and the
+    optimizer's update, each op once, views and copies included)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+        self.copies = 0  # aten.copy_: a graphed step's batch copies into its captured inputs
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        self.copies += func is torch.ops.aten.copy_.default
+        return func(*args, **(kwargs or {}))
+
+
+class ReplayClock:
+    """While inside: each StandInGraph.replay() (the CPU stand-in's "device" work: it re-runs
+    the captured aten ops) runs with every dispatch mode off, so an OpCounter does not count
+    the ops it re-runs, and its seconds are summed in `seconds`."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.replays = 0
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        from tests.graph_standin import StandInGraph
+
+        original = StandInGraph.replay
+        clock = self
+
+        def replay(graph) -> None:
+            with _disable_current_modes():
+                t0 = time.perf_counter()
+                try:
+                    original(graph)
+                finally:
+                    clock.seconds += time.perf_counter() - t0
+                    clock.replays += 1
+
+        StandInGraph.replay = replay
+        try:
+            yield
+        finally:
+            StandInGraph.replay = original
+
+
+def host_spec(structure: int) -> ResNetSpec:
+    """The structure's layer layout at 4 stem channels: the arithmetic all but vanishes, the
+    number of ops a step dispatches stays the structure's."""
+    return dataclasses.replace(STRUCTURES[structure], C_in=4)
+
+
+def host_setup(variant: str, spec: ResNetSpec, runs: int, device: torch.device,
+               x: torch.Tensor, y: torch.Tensor, grouped: bool
+               ) -> tuple[Callable[[], None], list[Steps]]:
+    """One variant's training step over all R runs, and its Steps objects (to check that every
+    graph is captured)."""
+    names = [PAPER_OPTIMIZERS[r % len(PAPER_OPTIMIZERS)] for r in range(runs)]
+    graphed = variant.endswith("graphed")
+    xs, ys = list(x.unbind()), y
+    if variant.startswith("one"):
+        solo: list[Steps] = []
+        for r in range(runs):
+            torch.manual_seed(r)
+            m = build(spec).to(device).train()
+            opt = make_optimizer(names[r], m.parameters(), graphed=graphed, device=device)
+            solo.append(Steps(m, m, opt, device, None, graphs=graphed, log=lambda _m: None))
+        pairs = list(zip(solo, xs, ys.unbind(), strict=True))
+
+        def step() -> None:
+            for s, xr, yr in pairs:
+                s.train(xr, yr)
+
+        return step, solo
+    model = ArrayResNet.from_seeds(spec, list(range(runs)), device, grouped=grouped).train()
+    views = RunViews(model, names, graphed=graphed)
+    steps = ArraySteps(model, views, device, None, graphs=graphed, log=lambda _m: None)
+    return (lambda: steps.train(xs, ys)), [steps]
+
+
+def host_measure(variant: str, spec: ResNetSpec, runs: int, args: argparse.Namespace,
+                 device: torch.device, budget_s: float) -> dict:
+    """Ops per step (counted over --count-steps steps) and host/device ms per run-step
+    (median over up to --steps steps) of one variant, after its warm-up."""
+    cuda = device.type == "cuda"
+    gen = torch.Generator().manual_seed(args.seed)
+    x = torch.randn(runs, args.batch, 3, 32, 32, generator=gen).to(device)
+    y = torch.randint(0, NUM_CLASSES, (runs, args.batch), generator=gen).to(device)
+    step, all_steps = host_setup(variant, spec, runs, device, x, y, args.array_path == "grouped")
+    graphed = variant.endswith("graphed")
+    clock = ReplayClock()
+    with clock.installed() if not cuda else contextlib.nullcontext():
+        # Steps warms each batch size WARM_STEPS times, captures on the next call and replays
+        # from then on; eager variants take as many (the optimizers' state is made lazily).
+        for _ in range(args.host_warmup):
+            step()
+        sync(device)
+        if graphed and not all(s.captured for s in all_steps):
+            raise RuntimeError("a graph was not captured during the warm-up")
+        counts, copies = [], []
+        for _ in range(args.count_steps):
+            with OpCounter() as counter:
+                step()
+            counts.append(counter.ops)
+            copies.append(counter.copies)
+        sync(device)
+        host, dev, replay = [], [], []
+        stop = time.perf_counter() + budget_s
+        for _ in range(args.steps):
+            replay0 = clock.seconds
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(
+                    enable_timing=True)
+                sync(device)
+                start.record()
+            t0 = time.perf_counter()
+            step()
+            wall = time.perf_counter() - t0
+            if cuda:
+                end.record()
+                end.synchronize()
+                dev.append(start.elapsed_time(end) / runs)  # ms
+            inside = clock.seconds - replay0
+            host.append(1e3 * (wall - inside) / runs)
+            replay.append(1e3 * inside / runs)
+            if time.perf_counter() > stop:
+                break
+    out = {"ops": counts[0], "ops_run": counts[0] / runs, "copies": copies[0],
+           "host_ms": statistics.median(host), "steps": len(host),
+           "dev_ms": statistics.median(dev) if dev else None,
+           "notes": [] if len(set(counts)) == 1 else [f"ops counted per step: {counts}"]}
+    if not cuda and graphed:
+        out["replay_ms"] = statistics.median(replay)
+    return out
+
+
+def host_main(args: argparse.Namespace) -> int:
+    """--host: ops dispatched and host ms per run-step of the four ways to step R runs."""
+    device = pick_device(args.device)
+    cuda = device.type == "cuda"
+    if not cuda and args.threads is None:
+        args.threads = 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    env = environment(device)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    structures = [int(s) for s in args.structures.split(",")]
+    start = time.perf_counter()
+    stand_in = contextlib.nullcontext()
+    if not cuda:
+        from tests.graph_standin import installed
+
+        stand_in = installed()
+    rows: list[dict] = []
+    failed = False
+    with stand_in:
+        cells = [(s, r, v) for s in structures for r in sizes for v in HOST_VARIANTS]
+        # One untimed step of each variant first: lazy imports and first-call costs.
+        for v in HOST_VARIANTS:
+            host_measure(v, host_spec(structures[0]), 1, argparse.Namespace(
+                **{**vars(args), "steps": 1, "count_steps": 1}), device, 0.0)
+        for i, (structure, runs, variant) in enumerate(cells):
+            row: dict = {"structure": structure, "runs": runs, "variant": HOST_LABELS[variant]}
+            left = args.budget_s - (time.perf_counter() - start)
+            if left <= 0:
+                row["notes"] = f"skipped (budget of {args.budget_s:g} s spent)"
+                rows.append(row)
+                continue
+            try:
+                res = host_measure(variant, host_spec(structure), runs, args, device,
+                                   left / (len(cells) - i))
+            except Exception as e:
+                failed = True
+                row["notes"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+                rows.append(row)
+                continue
+            finally:
+                gc.collect()
+            row.update({k: v for k, v in res.items() if k != "notes"})
+            row["notes"] = "; ".join(res["notes"]) or None
+            row["load_1m"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+            rows.append(row)
+            print(f"structure {structure} R={runs} {HOST_LABELS[variant]}: {row['ops']} ops/step,"
+                  f" {row['host_ms']:.3f} host ms/run-step", flush=True)
+
+    columns = [("structure", "structure", ""), ("runs", "R", ""), ("variant", "variant", ""),
+               ("ops", "ops/step", ""), ("copies", "of which copy_", ""),
+               ("ops_run", "ops/run-step", ".1f"),
+               ("host_ms", "host ms/run-step", ".3f")]
+    if cuda:
+        columns.append(("dev_ms", "device ms/run-step", ".3f"))
+    else:
+        columns.append(("replay_ms", "stand-in replay ms/run-step", ".3f"))
+    columns += [("steps", "steps", ""), ("load_1m", "load 1m", ".2f"), ("notes", "notes", "")]
+    table = markdown_table(rows, columns)
+    graphed_host = ("the step call's wall time before synchronising, over R" if cuda else
+                    "the step's wall time minus the time inside the stand-in's replays, over R")
+    threads = f"{env['torch_threads']} torch thread{'' if env['torch_threads'] == 1 else 's'}"
+    md = "\n".join([
+        "# Run arrays: host work per training step (--host)", "",
+        f"{env['date']} on {env['device_name']} ({env['device']}), torch {env['torch']}, "
+        f"{threads}, load average {fmt(env['load_average_1m'], '.2f')} at start; each "
+        f"structure's layer layout at C_in=4, batch {args.batch} of 32x32 images per run, fp32, "
+        f"optimizers {', '.join(PAPER_OPTIMIZERS)} cycling over the runs; array path "
+        f"{args.array_path}; graphed rows "
+        + ("through CUDA graphs." if cuda else "through tests/graph_standin.py (the CPU "
+           "stand-in for CUDA graphs)."), "",
+        table, "",
+        "one run eager / graphed: R solo fastres.steps.Steps (graphs=False / True) stepped one "
+        "after the other; array eager / graphed: one fastres.arrays.ArraySteps over ArrayResNet "
+        "and RunViews (graphed=False / True). Each variant warms up "
+        f"{args.host_warmup} steps (Steps warms {args.warm_steps} and captures on the next), "
+        "then:",
+        "- ops/step: aten ops dispatched during one training step of all R runs "
+        "(forward + backward + optimizer update, at the dispatcher: every op, views and copies "
+        "included, counted by a TorchDispatchMode; not the profiler's top-level ops)"
+        + ("; a CUDA graph's replay dispatches none" if cuda else
+           "; the ops the stand-in's replay re-runs are its device work and are not counted")
+        + "; of which copy_: those that are aten.copy_ (a graphed step's host work is its "
+        "batch copies into the captured inputs, x and y per solo run, R + 1 per array, and "
+        "one replay per graph); ops/run-step: ops/step over R;",
+        f"- host ms/run-step: median over the timed steps of {graphed_host}"
+        + (";\n- device ms/run-step: CUDA events around the step, over R." if cuda else
+           ";\n- stand-in replay ms/run-step: median over the timed steps of the time inside "
+           "the stand-in's replays (the CPU doing the \"device\" work), over R."), ""])
+    print(md)
+    write_outputs({"environment": env, "args": vars(args), "rows": rows,
+                   "elapsed_s": time.perf_counter() - start}, args.json, args.md, md)
+    first = structures[0]
+    summary = {r["runs"]: (r.get("ops"), r.get("copies")) for r in rows
+               if r["structure"] == first and r["variant"] == HOST_LABELS["array_graphed"]}
+    print(f"array graphed ops/step (structure {first}): "
+          + ", ".join(f"R={r}: {fmt(n)} ({fmt(c)} copy_)" for r, (n, c) in summary.items()))
+    return 1 if failed else 0
+
+
 # ---------------------------------------------------------------------------- main
 
 
@@ -241,9 +510,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoke", action="store_true",
                     help="fastres.protocol.SMOKE_SPEC, batch 16, R = 1, 2, 4, 3 steps")
+    ap.add_argument("--host", action="store_true",
+                    help="host work instead: aten ops and host ms per run-step of one run "
+                    "eager/graphed and an array eager/graphed, each structure at C_in=4, batch 2 "
+                    "(graphed on the CPU through tests/graph_standin.py); --smoke: R = 1, 2")
+    ap.add_argument("--array-path", choices=("grouped", "per-run"), default="grouped",
+                    help="--host: the arrays' path (default grouped, a GPU's default)")
+    ap.add_argument("--count-steps", type=int, default=2,
+                    help="--host: steps whose ops are counted (each must count the same)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--md", default=None)
     args = ap.parse_args(argv)
+    if args.host:
+        args.sizes = args.sizes or ("1,2" if args.smoke else "1,2,5,10")
+        args.batch = args.batch or 2
+        args.steps = args.steps or (2 if args.smoke else 20)
+        args.warm_steps = WARM_STEPS
+        # Steps warms WARM_STEPS times, captures (and replays) on the next call; one more
+        # replay, and every graph is warm.
+        args.host_warmup = WARM_STEPS + 2 if args.warmup is None else args.warmup
+        return host_main(args)
     args.sizes = args.sizes or ("1,2,4" if args.smoke else "1,2,5,10")
     args.batch = args.batch or (16 if args.smoke else 128)
     args.steps = args.steps or (3 if args.smoke else 10)
