@@ -16,10 +16,11 @@
 #                   installs, the betons converted; stops at once (exit 3) without CUDA
 #                                                                   -> 1-machine.md
 #   2 main_job      python -m fastres.grid --preset smoke with every default (resident, bf16,
-#                   run arrays), then benchmarks/sync_check.py: two epochs of structure 1 at
-#                   the defaults (resident, bf16, compiled, graphed), the second under
-#                   set_sync_debug_mode("error"); then, in what the stage has left, the grid
-#                   again with --array off (compiled, graphed engines reused across cells)
+#                   graphs; --array auto times one run at a time, compiled, against a graphed
+#                   array and trains the faster), then benchmarks/sync_check.py: two epochs of
+#                   structure 1 at the defaults (resident, bf16, compiled, graphed), the second
+#                   under set_sync_debug_mode("error"); then, in what the stage has left, the
+#                   grid again with --array off (compiled, graphed engines reused across cells)
 #                                                                   -> 2-main_job.md
 #   3 ladder        benchmarks/epoch_time.py for structure 1, each rung in its own process:
 #                   rungs 1, 8, 7 (the headline ratio) first, then the rest until the cap
@@ -251,9 +252,10 @@ stage_end "$M"
 if runs 2; then
   stage_begin 2
   J=$RAW/2-main_job.md
-  # The user's command: every default, nothing but the preset (on a GPU its four cells train
-  # as one run array: no graphs or compile there yet). The sync check after it keeps at least
-  # 80 s: structure 1 compiles for three batch shapes before its first epoch ends.
+  # The user's command: every default, nothing but the preset (on a GPU --array auto times a
+  # compiled, graphed run against a graphed array of the four cells and trains the faster).
+  # The sync check after it keeps at least 80 s: structure 1 compiles for three batch shapes
+  # before its first epoch ends.
   g0=$(date +%s)
   bounded $(( $(stage_left) - 2 * GRACE_S - 80 )) "$RAW/grid_smoke.log" \
     "$PY" -m fastres.grid --preset smoke

@@ -314,3 +314,28 @@ def test_cuda_warm_graphed_engine_trains_a_second_run_as_eager_does(optimizer, t
     for c, g in zip(cfgs, graphed, strict=True):
         eager = train(dataclasses.replace(c, graphs=False), data=tiny_betons, **QUIET)
         assert_runs_close(g, eager, f"{optimizer} seed {c.seed}")
+
+
+@needs_cuda
+def test_cuda_graphed_array_trains_its_runs_as_they_train_alone(tiny_betons, exact_fp32,
+                                                                monkeypatch):
+    """A run array on the GPU's default path (grouped convolutions, the whole step one CUDA
+    graph per batch size) with mixed optimizers, Adagrad's device update included: each run
+    within tests/test_train_array.py's grouped tolerance of the same run trained alone,
+    eagerly."""
+    from fastres.train import train
+    from fastres.train_array import train_array
+
+    from .test_fast_path import QUIET
+    from .test_train_array import assert_close_runs
+
+    monkeypatch.setattr("fastres.steps.WARM_STEPS", 1)  # the partial last batch is captured too
+    rows = [dict(optimizer="adagrad", seed=11, augment=True, tmax=2),
+            dict(optimizer="adadelta", seed=12, augment=False, tmax=3),
+            dict(optimizer="nesterov", seed=13, augment=True, tmax=0)]
+    cfgs = [cuda_config(epochs=3, graphs=True, **row) for row in rows]
+    results = train_array(cfgs, data=tiny_betons, **QUIET)
+    for cfg, got in zip(cfgs, results, strict=True):
+        assert got.status == "completed", cfg.optimizer
+        alone = train(dataclasses.replace(cfg, graphs=False), data=tiny_betons, **QUIET)
+        assert_close_runs(got, alone, f"graphed array {cfg.optimizer}")
