@@ -391,3 +391,28 @@ def test_no_tensor_is_made_from_host_data_per_batch(backend, split):
             augment(images[:3], g)
             augment(images, g, index=index)
     assert counted.count == 0
+
+
+def test_no_tensor_is_made_from_host_data_per_batch_in_a_whole_epoch(tiny_betons):
+    """The whole default training path (resident data), not only the transforms: after the
+    first epoch (which makes the run's constants), an epoch of 10 training and 3 test batches
+    makes no tensor from host data per batch. The one allowed is the resident loader's epoch
+    order (one per epoch, copied from pinned memory without a wait on a GPU). The FFCV stream,
+    the fallback where the data does not fit, brings each batch from the host by design (from
+    its pinned buffers, non-blocking)."""
+    from fastres.train import train
+
+    from .test_fast_path import QUIET, config
+
+    counted = HostDataCount()
+
+    def count_from_epoch_2(m):
+        if m.epoch == 1:
+            counted.__enter__()
+
+    try:
+        train(config(epochs=2, placement="resident", batch_size=30, test_batch_size=50),
+              data=tiny_betons, on_epoch=count_from_epoch_2, **QUIET)
+    finally:
+        counted.__exit__(None, None, None)
+    assert counted.count <= 1
