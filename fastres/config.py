@@ -240,8 +240,9 @@ def int_at_least(lo: int) -> Callable[[str], int]:
     return parse
 
 
-def add_run_arguments(ap: argparse.ArgumentParser) -> None:
-    """Flags shared by fastres.train and fastres.grid: where and how a run computes."""
+def add_run_arguments(ap: argparse.ArgumentParser, checkpoints: bool = True) -> None:
+    """Flags shared by fastres.train and fastres.grid: where and how a run computes.
+    checkpoints=False: no --checkpoint-every (a command that keeps no checkpoints)."""
     ap.add_argument("--data", help="CIFAR-10 source (default: $FASTRES_DATA, else the cached "
                     "or downloaded copy)")
     ap.add_argument("--cache", help="cache folder for downloads and betons "
@@ -261,10 +262,13 @@ def add_run_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--graphs", type=on_off, default=None, metavar="on|off",
                     help="capture the whole training step (optimizer included) and evaluation "
                     "in CUDA graphs (default: on for a GPU)")
-    ap.add_argument("--checkpoint-every", type=float, default=CHECKPOINT_EVERY,
-                    metavar="SECONDS", help="save the training state at most this often, off "
-                    "the training thread (default 60; 0 = every epoch); metrics are recorded "
-                    "every epoch, and the state at the end and on SIGTERM/SIGINT")
+    if checkpoints:
+        ap.add_argument("--checkpoint-every", type=float, default=CHECKPOINT_EVERY,
+                        metavar="SECONDS", help="save the training state at most this often, "
+                        "off the training thread (default 60; 0 = every epoch); metrics are "
+                        "recorded every epoch, and the state at the end and on SIGTERM/SIGINT")
+    else:
+        ap.set_defaults(checkpoint_every=CHECKPOINT_EVERY)
     ap.add_argument("--train-subset", type=int, help="use a fixed random N of the training images")
     ap.add_argument("--test-subset", type=int, help="use a fixed random N of the test images")
     ap.add_argument("--loader-workers", type=int, default=0,

@@ -35,6 +35,14 @@ from pathlib import Path
 
 import numpy as np
 
+
+def silence_conversion_bars() -> None:
+    """FFCV's conversion draws tqdm bars: on a terminal they tear a live display, in a pipe or
+    a log each becomes hundreds of carriage-return fragments. tqdm reads TQDM_DISABLE; each
+    conversion is logged in a line of its own anyway."""
+    os.environ.setdefault("TQDM_DISABLE", "1")
+
+
 IMAGE_SHAPE = (32, 32, 3)
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck")

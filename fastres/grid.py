@@ -32,9 +32,16 @@ from fastres.config import (
     compute_settings,
     device_or_default,
 )
-from fastres.data import SYNTHETIC, SYNTHETIC_WARNING, BetonPair, DataError, DataUnavailable
+from fastres.data import (
+    SYNTHETIC,
+    SYNTHETIC_WARNING,
+    BetonPair,
+    DataError,
+    DataUnavailable,
+    silence_conversion_bars,
+)
 from fastres.kernel_choice import KernelsUnavailable
-from fastres.live import LiveBoard, local_worker, silence_conversion_bars, use_live
+from fastres.live import LiveBoard, local_worker, use_live
 from fastres.plan import (
     PRESETS,
     Cell,

@@ -27,12 +27,6 @@ def use_live(stream: TextIO, quiet: bool) -> bool:
     return not quiet and bool(isatty and isatty())
 
 
-def silence_conversion_bars() -> None:
-    """FFCV's conversion draws tqdm bars that would tear the display; tqdm reads TQDM_DISABLE
-    (the data module logs each conversion in a line of its own anyway)."""
-    os.environ.setdefault("TQDM_DISABLE", "1")
-
-
 def worker_name(lease_owner: str | None) -> str:
     """host:pid of a lease owner (host:pid:nonce)."""
     return ":".join((lease_owner or "?").split(":")[:2])

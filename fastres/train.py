@@ -40,6 +40,7 @@ from fastres.data import (
     DataUnavailable,
     fixed_subset,
     prepare,
+    silence_conversion_bars,
     write_json_atomic,
 )
 from fastres.kernel_choice import KernelsUnavailable
@@ -141,8 +142,10 @@ def train(cfg: TrainConfig, data: BetonPair | None = None,
         f"{cfg.kernels} kernels | {train_loader.num_samples} train / "
         f"{test_loader.num_samples} test images, {placement}, from {data.kind} {data.source}"
         f"{' | warm engine' if warm else ''}")
-    for line in engine.kernel_plan if explain_kernels else []:
-        log(f"[kernels] {line}")
+    if explain_kernels:
+        for line in engine.kernel_plan or [f"{cfg.kernels}: PyTorch's own kernels for every "
+                                           "layer (--kernels triton runs fastres's)"]:
+            log(f"[kernels] {line}")
 
     history: list[EpochMetrics] = []
     saved = checkpoint.load() if checkpoint is not None else None
@@ -265,14 +268,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="write the whole result here as JSON")
     ap.add_argument("--explain-kernels", action="store_true",
                     help="print which kernels run each layer (with --kernels triton)")
-    add_run_arguments(ap)
+    # No --checkpoint-every: a single run keeps no checkpoints (the grid does, and resumes).
+    add_run_arguments(ap, checkpoints=False)
     args = ap.parse_args(argv)
+    if not sys.stderr.isatty():  # a pipe or a log: FFCV's bars would be \r fragments there
+        silence_conversion_bars()
     try:
         with stop_on_signals():
             return _run(args)
     except KeyboardInterrupt as e:  # Interrupted, or a Ctrl-C before the handlers were set
         clear = "\r\033[K" if sys.stderr.isatty() else ""  # the live batch counter's line
-        print(f"{clear}interrupted", file=sys.stderr)
+        print(f"{clear}interrupted: this run's progress is lost (python -m fastres.train keeps "
+              "no checkpoints; python -m fastres.grid saves and resumes its runs)",
+              file=sys.stderr)
         return e.exit_code if isinstance(e, Interrupted) else 128 + signal.SIGINT
 
 

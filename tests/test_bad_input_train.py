@@ -233,4 +233,25 @@ def test_cli_stops_cleanly_on_a_signal_mid_training(signum, code, signal_cache, 
     assert rc == code and time.monotonic() - t0 < 30
     text = err.read_text()
     assert "interrupted" in text and "Traceback" not in text, text
+    assert "progress is lost" in text and "fastres.grid" in text, text  # what to do instead
+    # stderr is a file, not a terminal: no FFCV bars or batch counter as \r fragments
+    assert "\r" not in text, text[:500]
     assert not [p for p in signal_cache.rglob("*") if ".tmp-" in p.name]
+
+
+def test_a_single_run_offers_no_checkpoint_flag(capsys, no_data):
+    """python -m fastres.train keeps no checkpoints, so --checkpoint-every would do nothing."""
+    with pytest.raises(SystemExit) as e:
+        main([*BASE, "--checkpoint-every", "10"])
+    assert e.value.code == 2
+    assert "unrecognized arguments: --checkpoint-every" in capsys.readouterr().err
+
+
+def test_explain_kernels_says_what_eager_runs(tiny_betons):
+    from fastres.train import train
+
+    said: list[str] = []
+    train(TrainConfig(spec=TINY, structure=None, epochs=1, device="cpu", kernels="eager",
+                      train_subset=10, test_subset=10), data=tiny_betons, log=said.append,
+          explain_kernels=True)
+    assert [m for m in said if m.startswith("[kernels] eager: PyTorch's own kernels")], said
