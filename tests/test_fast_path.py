@@ -211,14 +211,17 @@ def accuracy_of(model, data: str) -> float:
 def test_one_kernels_switch_reaches_the_augmentation_too(tiny_betons, monkeypatch):
     """--kernels decides every kernel, not the device type: eager runs PyTorch's crop/flip/
     normalise, triton fastres's single-pass kernel (here under the Triton interpreter).
-    Tolerance: fp32 throughout; the implicit-GEMM convolutions sum in another order than
-    oneDNN, about 1e-6 relative per layer, which two SGD steps leave far below 1e-4."""
+    Two training batches (3 images, then the odd 2 left over: the interpreter's time grows with
+    the images) and one test batch of 3. Tolerance: fp32 throughout; the implicit-GEMM
+    convolutions sum in another order than oneDNN, about 1e-6 relative per layer, which two SGD
+    steps leave far below 1e-4 (a loss is a mean of per-image terms over full 32x32 maps, so
+    fewer images do not change that); test accuracy within one image, as before."""
     import fastres.kernels.augment as kernel
 
     calls = []
     real = kernel.augment
     monkeypatch.setattr(kernel, "augment", lambda *a, **k: calls.append(1) or real(*a, **k))
-    small = dict(epochs=1, train_subset=32, test_subset=16, batch_size=16, test_batch_size=16)
+    small = dict(epochs=1, train_subset=5, test_subset=3, batch_size=3, test_batch_size=3)
     eager = run(config(kernels="eager", **small), tiny_betons)
     assert calls == []
     triton = run(config(kernels="triton", **small), tiny_betons)
@@ -226,4 +229,4 @@ def test_one_kernels_switch_reaches_the_augmentation_too(tiny_betons, monkeypatc
     (e,), (t,) = eager.epochs, triton.epochs
     assert t.train_loss == pytest.approx(e.train_loss, rel=1e-4)
     assert t.test_loss == pytest.approx(e.test_loss, rel=1e-4)
-    assert abs(t.test_acc - e.test_acc) <= 1 / 16
+    assert abs(t.test_acc - e.test_acc) <= 1 / 3 + 1e-9  # one image of 3

@@ -231,11 +231,13 @@ def test_array_size_from_memory():
 
 def test_triton_array_trains_as_the_eager_solo_runs(betons):
     """kernels="triton": the array runs on TritonArrayResNet (grouped implicit-GEMM convs with
-    the BN statistics epilogue; the Triton interpreter here). One step of 16 images and a test
-    batch (the interpreter is slow), SGD and Adam: fp32 losses within 1e-4 relative of the
-    eager solo runs (tests/test_kernels_array_model.py's forward tolerance), accuracies to the
-    image."""
-    small = dict(train_subset=16, test_subset=10, epochs=1, batch_size=16, test_batch_size=10)
+    the BN statistics epilogue; the Triton interpreter here). One step of an odd batch of 5
+    images and a test batch of 3 (the interpreter's time grows with the images), SGD with
+    augmentation off and Adam with it on: fp32 losses within 1e-4 relative of the eager solo
+    runs (tests/test_kernels_array_model.py's forward tolerance: a loss is a mean over the
+    images of per-image terms, each still from full 32x32 maps, so fewer images leave its
+    relative round-off where it was), accuracies to the image."""
+    small = dict(train_subset=5, test_subset=3, epochs=1, batch_size=5, test_batch_size=3)
     cfgs = [dataclasses.replace(c, **small) for c in (ROW[1], ROW[4])]
     results = train_array([dataclasses.replace(c, kernels="triton") for c in cfgs],
                           data=betons, **QUIET)
