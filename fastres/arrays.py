@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from fastres.models import build, strictly
 from fastres.protocol import WEIGHT_DECAY
-from fastres.steps import Steps, load_optimizer_state, make_optimizer, planned_host_read
+from fastres.steps import Steps, load_optimizer_state, make_optimizer
 from fastres.structures import NUM_CLASSES, ResNetSpec
 
 # nn.BatchNorm2d's defaults, which fastres.models uses.
@@ -406,11 +406,9 @@ class ArraySteps(Steps):
         super().__init__(model, model, views.optimizers[0], device, amp_dtype, None,
                          graphs=graphs, warm=warm, log=log)
         self.views = views
-        runs = model.runs
-        self.train_loss = torch.zeros(runs, device=device)
-        self.test_loss = torch.zeros(runs, device=device)
-        self.train_correct = torch.zeros(runs, device=device, dtype=torch.long)
-        self.test_correct = torch.zeros(runs, device=device, dtype=torch.long)
+
+    def sums_shape(self, model: nn.Module) -> tuple[int, ...]:
+        return (model.runs,)  # the sums of each run
 
     def train(self, xs: Sequence[torch.Tensor], ys: torch.Tensor) -> None:  # type: ignore[override]
         """One step of every run: xs[r] (B, 3, H, W) and ys (R, B) are run r's batch."""
@@ -442,7 +440,4 @@ class ArraySteps(Steps):
 
     def sums(self) -> list[list[float]]:  # type: ignore[override]
         """Per run: [train loss sums], [train correct], [test loss sums], [test correct]."""
-        packed = torch.stack([self.train_loss.double(), self.train_correct.double(),
-                              self.test_loss.double(), self.test_correct.double()])
-        with planned_host_read(self.device):
-            return packed.tolist()
+        return self.read_sums()

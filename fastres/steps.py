@@ -269,10 +269,11 @@ class Steps:
         self.warm, self.log = WARM_STEPS if warm is None else warm, log
         self.seen: dict[tuple[str, int], int] = {}
         self.captured: dict[tuple[str, int], tuple[Graph, tuple[torch.Tensor, ...]]] = {}
-        zero = torch.zeros((), device=device)
-        self.train_loss, self.test_loss = zero.clone(), zero.clone()
-        self.train_correct = torch.zeros((), device=device, dtype=torch.long)
-        self.test_correct = torch.zeros((), device=device, dtype=torch.long)
+        shape = self.sums_shape(model)
+        self.train_loss = torch.zeros(shape, device=device)
+        self.test_loss = torch.zeros(shape, device=device)
+        self.train_correct = torch.zeros(shape, device=device, dtype=torch.long)
+        self.test_correct = torch.zeros(shape, device=device, dtype=torch.long)
         self.runtime = GRAPH_RUNTIMES[device.type] if graphs else None
         self.side = self.runtime.stream(device) if graphs else None
         self.capture_seconds = 0.0
@@ -360,11 +361,18 @@ class Steps:
         for t in (self.train_loss, self.train_correct, self.test_loss, self.test_correct):
             t.zero_()
 
-    def sums(self) -> tuple[float, int, float, int]:
-        """(train loss sum, train correct, test loss sum, test correct): the epoch's one
-        planned host read."""
+    def sums_shape(self, model: nn.Module) -> tuple[int, ...]:
+        return ()  # one run: scalar sums
+
+    def read_sums(self) -> list:
+        """[train loss sum, train correct, test loss sum, test correct] (each of sums_shape),
+        as floats: the epoch's one planned host read."""
         packed = torch.stack([self.train_loss.double(), self.train_correct.double(),
                               self.test_loss.double(), self.test_correct.double()])
         with planned_host_read(self.device):
-            values = packed.tolist()
+            return packed.tolist()
+
+    def sums(self) -> tuple[float, int, float, int]:
+        """(train loss sum, train correct, test loss sum, test correct)."""
+        values = self.read_sums()
         return values[0], int(values[1]), values[2], int(values[3])
