@@ -183,8 +183,8 @@ def environment(device: torch.device) -> dict:
 
 
 def subset_indices(n: int | None, total: int) -> np.ndarray | None:
-    """The same fixed subset fastres.train uses, so every rung sees the same images."""
-    from fastres.data import fixed_subset  # no FFCV needed
+    """The same fixed subset fastres.run.train uses, so every rung sees the same images."""
+    from fastres.study.data import fixed_subset  # no FFCV needed
 
     return fixed_subset(n, total)
 
@@ -192,7 +192,7 @@ def subset_indices(n: int | None, total: int) -> np.ndarray | None:
 def source_arrays(data: str, cache: str | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """uint8 (n, 32, 32, 3) images and int64 labels per split, decoded from `data` once and kept
     as .npy beside fastres's betons. Needs no FFCV, so the torchvision rungs run without it."""
-    from fastres.data import (
+    from fastres.study.data import (
         default_cache_dir,
         detect,
         identity,

@@ -8,14 +8,15 @@ For each structure and array size R, three ways to take one training step of R r
 its own random batch of --batch images, its own weights, and one of Table 2's five optimizers,
 cycling over the runs as the paper's grid mixes them, with their own rates and coupled weight
 decay):
-- one at a time: R solo models (fastres.models.build, fastres.steps.make_optimizer), each doing
+- one at a time: R solo models (fastres.study.models.build,
+  fastres.run.steps.make_optimizer), each doing
   forward, cross-entropy, backward and its optimizer's step, one after the other;
-- array, grouped: one fastres.arrays.ArrayResNet(grouped=True) (one grouped convolution per
+- array, grouped: one fastres.run.arrays.ArrayResNet(grouped=True) (one grouped convolution per
   layer, one BatchNorm over R*C channels, a batched head), forward on the (R, B, 3, 32, 32)
   batch, array_loss, backward, RunViews.step (R stock optimizers over views);
 - array, per-run: the same with grouped=False (every op per run on slices, the CPU default).
 
-As fastres.train computes: on CUDA bf16 autocast, channels-last model and bf16 channels-last
+As fastres.run.train computes: on CUDA bf16 autocast, channels-last model and bf16 channels-last
 batches, cuDNN benchmark on; on the CPU fp32 in NCHW (--smoke there: one torch thread, unless
 --threads). One untimed step of each variant at R = 1 comes first (one-time costs). Each variant
 takes --warmup steps, then the median of --steps steps, each timed from a device
@@ -36,8 +37,8 @@ structure.
 
 Each structure's layer layout at C_in=4 (dataclasses.replace(STRUCTURES[s], C_in=4)), fp32,
 batch 2 of 32x32 images per run, optimizers cycling over Table 2's five, four ways to take one
-training step of R runs: one run eager / graphed (R solo fastres.steps.Steps, graphs=False /
-True, one after the other) and an array eager / graphed (one fastres.arrays.ArraySteps over
+training step of R runs: one run eager / graphed (R solo fastres.run.steps.Steps, graphs=False /
+True, one after the other) and an array eager / graphed (one fastres.run.arrays.ArraySteps over
 ArrayResNet and RunViews, graphs=False / True; --array-path grouped, the GPU's default, or
 per-run). Graphed optimizers are make_optimizer(..., graphed=True). On the CPU graphed rows run
 through tests/graph_standin.py (installed() for the whole run). Each variant warms up
@@ -79,11 +80,11 @@ from _common import (  # noqa: E402  (also puts the checkout on sys.path)
     write_outputs,
 )
 
-from fastres.arrays import ArrayResNet, ArraySteps, RunViews, array_loss  # noqa: E402
-from fastres.models import build  # noqa: E402
-from fastres.protocol import PAPER_OPTIMIZERS, SMOKE_SPEC  # noqa: E402
-from fastres.steps import WARM_STEPS, Steps, make_optimizer  # noqa: E402
-from fastres.structures import NUM_CLASSES, STRUCTURES, ResNetSpec  # noqa: E402
+from fastres.run.arrays import ArrayResNet, ArraySteps, RunViews, array_loss  # noqa: E402
+from fastres.run.steps import WARM_STEPS, Steps, make_optimizer  # noqa: E402
+from fastres.study.models import build  # noqa: E402
+from fastres.study.protocol import PAPER_OPTIMIZERS, SMOKE_SPEC  # noqa: E402
+from fastres.study.structures import NUM_CLASSES, STRUCTURES, ResNetSpec  # noqa: E402
 
 VARIANTS = ("solo", "grouped", "per_run")
 LABELS = {"solo": "one at a time", "grouped": "array grouped", "per_run": "array per-run"}
@@ -461,8 +462,9 @@ def host_main(args: argparse.Namespace) -> int:
         + ("through CUDA graphs." if cuda else "through tests/graph_standin.py (the CPU "
            "stand-in for CUDA graphs)."), "",
         table, "",
-        "one run eager / graphed: R solo fastres.steps.Steps (graphs=False / True) stepped one "
-        "after the other; array eager / graphed: one fastres.arrays.ArraySteps over ArrayResNet "
+        "one run eager / graphed: R solo fastres.run.steps.Steps (graphs=False / True) stepped one "
+        "after the other; array eager / graphed: one fastres.run.arrays.ArraySteps over "
+        "ArrayResNet "
         "and RunViews (graphed=False / True). Each variant warms up "
         f"{args.host_warmup} steps (Steps warms {args.warm_steps} and captures on the next), "
         "then:",
@@ -509,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
                     "1, since a second thread on a small busy CPU makes step times swing 100x)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoke", action="store_true",
-                    help="fastres.protocol.SMOKE_SPEC, batch 16, R = 1, 2, 4, 3 steps")
+                    help="fastres.study.protocol.SMOKE_SPEC, batch 16, R = 1, 2, 4, 3 steps")
     ap.add_argument("--host", action="store_true",
                     help="host work instead: aten ops and host ms per run-step of one run "
                     "eager/graphed and an array eager/graphed, each structure at C_in=4, batch 2 "
@@ -546,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if cuda:
-        torch.backends.cudnn.benchmark = True  # as fastres.train: fixed shapes
+        torch.backends.cudnn.benchmark = True  # as fastres.run.train: fixed shapes
     env = environment(device)
 
     start = time.perf_counter()

@@ -1,5 +1,5 @@
 """Training-thread time spent on checkpointing per epoch: the old scheme (the full state written
-synchronously every epoch) against the new one (fastres.checkpoints.StateSaver: a host copy on
+synchronously every epoch) against the new one (fastres.run.checkpoints.StateSaver: a host copy on
 a time cadence, written by a background thread; best weights kept every epoch).
 
     python benchmarks/checkpoint.py                      # structures 1, 9 x sgd, adam; ~9 min
@@ -34,11 +34,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, markdown_table, write_outputs  # noqa: E402
 
-from fastres.checkpoints import BestWeights, StateSaver, save_checkpoint, to_bytes  # noqa: E402
-from fastres.models import build  # noqa: E402
-from fastres.protocol import SMOKE_SPEC  # noqa: E402
-from fastres.steps import make_optimizer, make_scheduler  # noqa: E402
-from fastres.structures import STRUCTURES, ResNetSpec  # noqa: E402
+from fastres.run.checkpoints import BestWeights, StateSaver, save_checkpoint, to_bytes  # noqa: E402
+from fastres.run.steps import make_optimizer, make_scheduler  # noqa: E402
+from fastres.study.models import build  # noqa: E402
+from fastres.study.protocol import SMOKE_SPEC  # noqa: E402
+from fastres.study.structures import STRUCTURES, ResNetSpec  # noqa: E402
 
 
 class FileCheckpointer:

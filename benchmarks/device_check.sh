@@ -34,7 +34,7 @@
 #                   auto` runs (compiled, graphed), eager vs triton; trusts triton only if the
 #                   kernel tests of stage 4 passed                  -> 5-kernel_table.json
 #                   (the committed table with this GPU's entry: copy it over
-#                   fastres/kernel_table.json to commit it)
+#                   kernels/kernel_table.json to commit it)
 #   6 leftovers     in what the others left: benchmarks/arrays.py (structures 1, 6), loader.py,
 #                   kernels.py, grid_throughput.py --arrays 10, fidelity.py (1 epoch x 2
 #                   seeds)                                          -> 6-leftovers.md
@@ -239,7 +239,7 @@ try:
 except Exception as e:
     raise SystemExit(f"ffcv does not import ({type(e).__name__}: {e}): what needs it says so")
 import time
-from fastres.data import prepare
+from fastres.study.data import prepare
 t0 = time.perf_counter()
 pair = prepare(log=print)
 print(f"data: {pair.kind} {pair.source}: {pair.num_train} train / {pair.num_test} test images, "
@@ -393,7 +393,7 @@ if runs 5; then
   else
     kt_flags=(--structures "${KTABLE_STRUCTURES:-1,6,9}")
     [ "$KTESTS_OK" = 1 ] && kt_flags+=(--equivalence-passed --equivalence-summary "$KT_SUMMARY")
-    cp fastres/kernel_table.json "$KT"  # the committed table, this GPU's entry merged in
+    cp kernels/kernel_table.json "$KT"  # the committed table, this GPU's entry merged in
   fi
   kt_t=$(( $(stage_left) - GRACE_S ))
   # --deadline: a structure that would start after it is skipped (and the row says so); the
@@ -402,7 +402,7 @@ if runs 5; then
     --deadline $(( kt_t > 40 ? kt_t - 30 : 10 )) --out "$KT"
   kt_rc=$?  # 2: it refused (no GPU, a bad table) and wrote nothing
   if [ "$SMOKE" != 1 ] && [ "$kt_rc" != 2 ] && [ -f "$KT" ]; then
-    cp "$KT" fastres/kernel_table.json  # stage 6 runs with what auto now picks here
+    cp "$KT" kernels/kernel_table.json  # stage 6 runs with what auto now picks here
   fi
   stage_end "$KT"
 fi

@@ -11,19 +11,19 @@ The ladder (each rung adds one thing to the one before):
      DataLoader with 2 workers, eager fp32 model, per-step .item() (written here, from
      shared/reference/protocol.md; it imports nothing of fastres)
   2  the same with one loader worker per core
-  3  fastres.train.train(): eager fp32, FFCV loader, device-side crop/flip/normalise
+  3  fastres.run.train.train(): eager fp32, FFCV loader, device-side crop/flip/normalise
   4  + bf16 autocast and channels-last (channels-last on a GPU only: on the CPU fastres trains
      in contiguous NCHW, since oneDNN's channels-last convolution backward is wrong at some
      shapes on some CPUs)
   5  + torch.compile
-  6  + the Triton kernels (fastres.models.build(kernels="triton"))
+  6  + the Triton kernels (fastres.study.models.build(kernels="triton"))
   7  + CUDA graphs of the whole training step with the optimizer inside (fused SGD with the
      learning rate in a device tensor, so the cosine schedule still applies), and of evaluation
-     (fastres.train with --graphs on --placement stream)
+     (fastres.run.train with --graphs on --placement stream)
   8  + training and test sets resident on the device, reshuffled there every epoch from the
      same permutation source as the stream (--placement resident: the default on a GPU)
 
-Rungs 1-2 time the authors' script shape; 3-8 time fastres.train itself with the settings of
+Rungs 1-2 time the authors' script shape; 3-8 time fastres.run.train itself with the settings of
 each rung. Every rung keeps the protocol: SGD lr 0.1 momentum 0.9, coupled weight decay 5e-4,
 batch 128 reshuffled each epoch with the last partial batch kept, CosineAnnealingLR stepped per
 epoch, test batch 100, crop with 4-pixel zero padding + flip.
@@ -57,7 +57,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402  (also puts the checkout on sys.path)
 
-from fastres.protocol import (  # noqa: E402
+from fastres.study.protocol import (  # noqa: E402
     CIFAR_MEAN,
     CIFAR_STD,
     OPTIMIZER_SETTINGS,
@@ -116,9 +116,9 @@ class PaperBlock(nn.Module):
 
 class PaperResNet(nn.Module):
     """protocol.md's model for (N, B, C_in, F0, P0, F1, P1, K), written independently of
-    fastres.models so that rung 1 is the authors' code shape and nothing of ours. Its modules
+    fastres.study.models so that rung 1 is the authors' code shape and nothing of ours. Its modules
     carry the script's names (conv1, bn1, layer{i}.{j}..., linear), so its state_dict is the
-    script's checkpoint format (fastres.models.from_seed_checkpoint loads it)."""
+    script's checkpoint format (fastres.study.models.from_seed_checkpoint loads it)."""
 
     def __init__(self, n: int, b: tuple[int, ...], c_in: int, f0: int, p0: int, f1: int,
                  p1: int, k: int, num_classes: int = 10):
@@ -297,7 +297,7 @@ class Setup:
         if not ok:
             raise RungSkipped(f"needs FFCV: {why}")
         if self._betons is None:
-            from fastres.data import check_beton, default_cache_dir, prepare, write_beton
+            from fastres.study.data import check_beton, default_cache_dir, prepare, write_beton
 
             arrays = self.arrays()  # decoded once, shared with the torchvision rungs
             key = hashlib.sha256()
@@ -322,7 +322,7 @@ class Setup:
 
 
 def train_config(setup: Setup, rung: int, epochs: int):
-    from fastres.plan import Cell, GridProtocol
+    from fastres.grid.plan import Cell, GridProtocol
 
     cell = Cell(setup.spec, None, "sgd", tmax=PROTO["tmax"], seed=setup.seed)
     protocol = GridProtocol(epochs=epochs, train_subset=setup.train_subset,
@@ -342,14 +342,15 @@ def triton_status(spec) -> tuple[bool, str]:
     if not torch.cuda.is_available():
         return False, ("Triton kernels need a CUDA GPU (on the CPU they run only through the "
                        "interpreter, which measures nothing about speed)")
-    from fastres.models import build
+    from fastres.study.models import build
 
     try:
         build(spec, kernels="triton", device="cuda")
     except NotImplementedError as e:
-        return False, f"fastres.models.build(kernels='triton'): {e}"
+        return False, f"fastres.study.models.build(kernels='triton'): {e}"
     except Exception as e:
-        return False, f"fastres.models.build(kernels='triton') failed: {type(e).__name__}: {e}"
+        return False, (f"fastres.study.models.build(kernels='triton') failed: "
+                       f"{type(e).__name__}: {e}")
     return True, ""
 
 
@@ -381,10 +382,11 @@ def run_rung(setup: Setup, rung: int) -> dict:
                 raise RungSkipped(setup.triton_why)
             if rung >= 7 and setup.device.type != "cuda":
                 raise RungSkipped("CUDA graphs need a CUDA GPU")
-            from fastres.train import train
+            from fastres.run.train import train
 
-            row["loader"] = ("device-resident uint8 + DeviceAugment (fastres.train)" if rung == 8
-                             else "FFCV + DeviceAugment (fastres.train)")
+            row["loader"] = ("device-resident uint8 + DeviceAugment (fastres.run.train)"
+                             if rung == 8
+                             else "FFCV + DeviceAugment (fastres.run.train)")
             if rung >= 7 and not setup.triton_ok:
                 row["adds"] += " (on eager kernels: rung 6 unavailable)"
             cfg = train_config(setup, rung, total)
@@ -591,7 +593,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--_label", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
-    from fastres.structures import STRUCTURES, ResNetSpec, describe
+    from fastres.study.structures import STRUCTURES, ResNetSpec, describe
 
     if args.smoke:
         args.train_subset = args.train_subset or 1024

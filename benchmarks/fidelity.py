@@ -7,7 +7,7 @@ its uncertainty.
     python benchmarks/fidelity.py --smoke           # seconds: a check that it runs
 
 The two sides:
-- fastres: fastres.train.train() with the device's default settings (on the CPU: fp32, eager,
+- fastres: fastres.run.train.train() with the device's default settings (on the CPU: fp32, eager,
   FFCV stream; on a GPU: bf16, compiled, graphed, resident data);
 - the paper's loop: benchmarks/epoch_time.paper_loop, the authors' script shape (its own model
   code, torchvision transforms on PIL images, a DataLoader with --workers workers, the stock
@@ -22,7 +22,7 @@ seeds, with standard error sd(difference) / sqrt(S), says whether the two loops 
 than what those draws alone give. (tests/test_fidelity.py shows that given the same draws the
 two compute the same bits, step by step, on the CPU in fp32.)
 
-Defaults: on the CPU the tiny fastres.protocol.SMOKE_SPEC on a fixed 10,000-image training
+Defaults: on the CPU the tiny fastres.study.protocol.SMOKE_SPEC on a fixed 10,000-image training
 subset and 2,000 test images, 2 epochs x 8 seeds, one torch thread (about 15 minutes on 2
 shared cores); on a GPU structure 1 on all the data, 2 epochs x 8 seeds. SGD with augmentation
 on unless --optimizer and --augment say otherwise.
@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402  (also puts the checkout on sys.path)
 import epoch_time  # noqa: E402
 
-from fastres.protocol import OPTIMIZER_SETTINGS, SMOKE_SPEC, TMAX  # noqa: E402
+from fastres.study.protocol import OPTIMIZER_SETTINGS, SMOKE_SPEC, TMAX  # noqa: E402
 
 METRICS = ("train_acc", "train_loss", "test_acc", "test_loss")
 SIDES = ("fastres", "paper")
@@ -74,12 +74,12 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def run_fastres(setup: epoch_time.Setup, args, seed: int) -> list[dict]:
-    """fastres.train.train() for one seed: its per-epoch metrics. The seeds share one workbench,
+    """fastres.run.train.train() for one seed: its per-epoch metrics. The seeds share one workbench,
     as a grid worker's cells do: data read once, the model compiled once on a GPU; each run
     starts from its seed's fresh weights (tests/test_fidelity.py's warm case)."""
-    from fastres.plan import Cell, GridProtocol
-    from fastres.train import train
-    from fastres.workbench import for_device
+    from fastres.grid.plan import Cell, GridProtocol
+    from fastres.run.train import train
+    from fastres.run.workbench import for_device
 
     cell = Cell(setup.spec, args.structure if not args.spec else None, args.optimizer,
                 args.augment, tmax=args.tmax, seed=seed)
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--md", default=None)
     args = ap.parse_args(argv)
 
-    from fastres.structures import STRUCTURES, ResNetSpec
+    from fastres.study.structures import STRUCTURES, ResNetSpec
 
     device = C.pick_device(args.device)
     gpu = device.type == "cuda"

@@ -1,5 +1,5 @@
 """Epochs per hour of a grid slice: one run at a time, against several packed onto one GPU
-(Ray processes) or trained together as run arrays (one fused model, fastres/train_array.py).
+(Ray processes) or trained together as run arrays (one fused model, fastres/run/train_array.py).
 
     python benchmarks/grid_throughput.py                 # structure 1, sgd+nesterov x aug on/off
     python benchmarks/grid_throughput.py --packing 1,2,4
@@ -41,7 +41,7 @@ from _common import (  # noqa: E402  (also puts the checkout on sys.path)
     write_outputs,
 )
 
-from fastres.protocol import SMOKE_SPEC  # noqa: E402
+from fastres.study.protocol import SMOKE_SPEC  # noqa: E402
 
 
 def run_slice(packing: int, args: argparse.Namespace, results: Path, array: int = 1) -> dict:

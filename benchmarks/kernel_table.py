@@ -5,9 +5,9 @@
     python benchmarks/kernel_table.py --smoke --out /tmp/x.json    # CPU dry run (tests)
 
 For each structure it times one training step in the configuration `--kernels auto` hands it
-to: an engine from fastres.workbench, as fastres.train builds one (on a GPU: bf16 autocast,
+to: an engine from fastres.run.workbench, as fastres.run.train builds one (on a GPU: bf16 autocast,
 channels-last, torch.compile, the whole step captured in a CUDA graph with fused SGD inside and
-the rate in a device tensor), stepped through fastres.steps.Steps.train, so what is timed is a
+the rate in a device tensor), stepped through fastres.run.steps.Steps.train, so what is timed is a
 graph replay, where launch cost, the largest difference between eager and fused kernels, is
 gone. Table 2's SGD with coupled weight decay, batch 128, one fixed random batch on the device
 in the dtype and layout the loaders deliver; first with kernels="eager", then "triton". Warm-up
@@ -17,16 +17,16 @@ Each model gets a fresh torch.compile (torch._dynamo.reset()), so no recompile l
 carries over from the one before.
 
 It writes the entry for this device (torch.cuda.get_device_name) into the table at --out,
-default the package's fastres/kernel_table.json, replacing any earlier entry for the same
+default the package's kernels/kernel_table.json, replacing any earlier entry for the same
 device and keeping the others (an --out that does not exist yet starts from the package's
 table, so the file that comes back can be committed over it as it is). The entry says
 equivalence_tests_passed: true only with --equivalence-passed, which benchmarks/device_check.sh
 gives when tests/test_kernels_*.py passed natively on this GPU in the same call; without it,
-fastres.kernel_choice never picks triton on this device. The table is rewritten after every
+fastres.kernels.choice never picks triton on this device. The table is rewritten after every
 structure, so a run cut short keeps what it measured.
 
-No GPU: it refuses (exit 2), except with --smoke, which times fastres.protocol.SMOKE_SPEC on the
-CPU with the eager model only (the CPU engine: fp32, NCHW, uncompiled, ungraphed) and writes an
+No GPU: it refuses (exit 2), except with --smoke, which times fastres.study.protocol.SMOKE_SPEC on
+the CPU with the eager model only (the CPU engine: fp32, NCHW, uncompiled, ungraphed) and writes an
 entry for the device "cpu-smoke" into --out (never into the package's table): the figures mean
 nothing, only that the script runs and the table it writes is well formed.
 """
@@ -46,24 +46,24 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402  (also puts the checkout on sys.path)
-
-from fastres.config import TrainConfig  # noqa: E402
-from fastres.kernel_choice import (  # noqa: E402
+from fastres.kernels.choice import (  # noqa: E402
     TABLE_PATH,
     KernelTableError,
     check_table,
     load_table,
 )
-from fastres.protocol import SMOKE_SPEC  # noqa: E402
-from fastres.steps import AMP_DTYPES  # noqa: E402
-from fastres.structures import STRUCTURES, ResNetSpec, SpecError  # noqa: E402
-from fastres.workbench import Workbench  # noqa: E402
+
+from fastres.run.config import TrainConfig  # noqa: E402
+from fastres.run.steps import AMP_DTYPES  # noqa: E402
+from fastres.run.workbench import Workbench  # noqa: E402
+from fastres.study.protocol import SMOKE_SPEC  # noqa: E402
+from fastres.study.structures import STRUCTURES, ResNetSpec, SpecError  # noqa: E402
 
 SMOKE_DEVICE = "cpu-smoke"
-# The compute settings a timed step records (what fastres.train resolves on the device).
+# The compute settings a timed step records (what fastres.run.train resolves on the device).
 COMPUTE = ("precision", "channels_last", "compile", "graphs")
 COMMENT = ("Per-device training-step times, eager vs fastres's Triton kernels, read by "
-           "`--kernels auto` (fastres/kernel_choice.py). Written on a GPU by "
+           "`--kernels auto` (kernels/choice.py). Written on a GPU by "
            "benchmarks/kernel_table.py, which benchmarks/device_check.sh runs after the native "
            "kernel equivalence tests; commit the 5-kernel_table.json it returns under $OUT "
            "by copying it here.")
@@ -138,7 +138,7 @@ def refusal(args: argparse.Namespace) -> str | None:
 
 def step_config(spec: ResNetSpec, kernels: str, device: torch.device, batch: int
                 ) -> TrainConfig:
-    """The run configuration whose step is timed: fastres.train's defaults on this device (on a
+    """The run configuration whose step is timed: fastres.run.train's defaults on this device (on a
     GPU bf16, channels-last, compiled, graphed), SGD, the given kernels and batch size."""
     return TrainConfig(spec=spec, structure=None, optimizer="sgd", kernels=kernels,
                        device=str(device), batch_size=batch).resolved(log=lambda _m: None)
@@ -193,7 +193,7 @@ def base_table(out: Path, smoke: bool) -> dict:
 
 
 def write_table(table: dict, out: Path) -> None:
-    check_table(table, out)  # never write what fastres.kernel_choice would refuse to read
+    check_table(table, out)  # never write what fastres.kernels.choice would refuse to read
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(table, indent=2) + "\n")
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = torch.device("cpu") if smoke else torch.device("cuda")
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # as fastres.train sets it on a GPU
+        torch.backends.cudnn.benchmark = True  # as fastres.run.train sets it on a GPU
     env = _common.environment(device)
     defaults = step_config(ResNetSpec.parse(SMOKE_SPEC), "eager", device, batch)
     try:
@@ -262,10 +262,11 @@ def main(argv: list[str] | None = None) -> int:
         "command": env["command"],
         "equivalence_tests_passed": bool(args.equivalence_passed) and not smoke,
         "equivalence_tests": args.equivalence_summary,
-        # What fastres.train runs on this device; each row's own "config" says what it ran.
+        # What fastres.run.train runs on this device; each row's own "config" says what it ran.
         "settings": {"batch": batch, "warmup_steps": warmup, "timed_steps": steps,
                      "statistic": "median", "optimizer": "sgd",
-                     "step": "fastres.workbench engine, Steps.train (a graph replay when graphed)",
+                     "step": ("fastres.run.workbench engine, Steps.train "
+                              "(a graph replay when graphed)"),
                      **{k: getattr(defaults, k) for k in COMPUTE}},
         "structures": {},
     }

@@ -51,8 +51,8 @@ if SMOKE and os.environ.get("TRITON_INTERPRET") != "1":
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from fastres.models import ResNet  # noqa: E402
-from fastres.structures import STRUCTURES, ResNetSpec  # noqa: E402
+from fastres.study.models import ResNet  # noqa: E402
+from fastres.study.structures import STRUCTURES, ResNetSpec  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 COLUMNS = ("kernel", "shape", "layers", "triton ms", "eager ms", "compiled ms", "triton rate",

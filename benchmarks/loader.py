@@ -74,7 +74,7 @@ def ffcv_cpu_batches(beton: Path, indices, device: torch.device, dtype: torch.dt
         ToTorchImage,
     )
 
-    from fastres.protocol import CIFAR_MEAN, CIFAR_STD
+    from fastres.study.protocol import CIFAR_MEAN, CIFAR_STD
 
     mean = np.array(CIFAR_MEAN) * 255
     std = np.array(CIFAR_STD) * 255

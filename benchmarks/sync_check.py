@@ -1,5 +1,5 @@
 """No unplanned host sync inside a default epoch: two epochs of a Table 1 structure through
-fastres.train.train() with every default (resident data, bf16, channels-last, compiled, CUDA
+fastres.run.train.train() with every default (resident data, bf16, channels-last, compiled, CUDA
 graphs), the second under torch.cuda.set_sync_debug_mode("error").
 
     python benchmarks/sync_check.py                      # structure 1, 2 epochs, on CUDA
@@ -30,11 +30,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402,F401  (puts the checkout on sys.path)
 
-from fastres.config import TrainConfig  # noqa: E402
-from fastres.data import DataError, DataUnavailable  # noqa: E402
-from fastres.protocol import SMOKE_SPEC  # noqa: E402
-from fastres.records import EpochMetrics  # noqa: E402
-from fastres.structures import STRUCTURES, ResNetSpec  # noqa: E402
+from fastres.run.config import TrainConfig  # noqa: E402
+from fastres.run.records import EpochMetrics  # noqa: E402
+from fastres.study.data import DataError, DataUnavailable  # noqa: E402
+from fastres.study.protocol import SMOKE_SPEC  # noqa: E402
+from fastres.study.structures import STRUCTURES, ResNetSpec  # noqa: E402
 
 # torch's words for a call that set_sync_debug_mode("error") refused.
 SYNC_ERROR = "synchronizing CUDA operation"
@@ -125,9 +125,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train_run(cfg: TrainConfig, on_epoch):
-    """fastres.train.train with the callback; imported here so --help and the no-CUDA refusal
+    """fastres.run.train.train with the callback; imported here so --help and the no-CUDA refusal
     need neither FFCV nor the training stack."""
-    from fastres.train import train
+    from fastres.run.train import train
 
     return train(cfg, on_epoch=on_epoch)
 

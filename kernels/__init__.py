@@ -9,5 +9,5 @@ kernels, a plain launcher and the torch.library registration (fake + autograd) s
 
 Importing a kernel module fixes interpreter mode: set TRITON_INTERPRET=1 before it to run the
 kernels on the CPU. The choice between these kernels and eager PyTorch, and the error where
-Triton cannot run, are fastres.kernel_choice's.
+Triton cannot run, are fastres.kernels.choice's.
 """

@@ -19,7 +19,7 @@ import triton.language as tl
 from fastres.kernels._common import cast, check_device, define_op, empty, launch, next_pow2
 from fastres.loaders.augment import channel_constants
 
-from fastres.protocol import CIFAR_MEAN, CIFAR_STD, PAD
+from fastres.study.protocol import CIFAR_MEAN, CIFAR_STD, PAD
 
 
 @triton.jit

@@ -38,7 +38,7 @@ from fastres.kernels._common import (
 )
 from fastres.kernels.batchnorm import Partials
 
-from fastres.models import strictly
+from fastres.study.models import strictly
 
 
 def out_size(size: int, kernel: int, padding: int, stride: int) -> int:

@@ -1,6 +1,6 @@
 """The paper's ResNet on the Triton kernels.
 
-`TritonResNet` is the eager `fastres.models.ResNet` with the same modules (so the same
+`TritonResNet` is the eager `fastres.study.models.ResNet` with the same modules (so the same
 state_dict keys, shapes and weights) and a different forward: every conv -> BN (-> + shortcut)
 -> ReLU runs as the implicit-GEMM convolution, whose epilogue yields BN's batch statistics, and
 one fused BN + add + ReLU kernel. The average pool and the linear head stay on PyTorch: they
@@ -14,12 +14,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from fastres.kernels._common import triton_available, unavailable_reason
 from fastres.kernels.batchnorm import batch_norm_act
+from fastres.kernels.choice import KernelsUnavailable
 from fastres.kernels.conv import backward_format, conv2d
 
-from fastres.arrays import ArrayBatchNorm, ArrayConv, ArrayResNet
-from fastres.kernel_choice import KernelsUnavailable
-from fastres.models import BasicBlock, ResNet, strictly
-from fastres.structures import ResNetSpec
+from fastres.run.arrays import ArrayBatchNorm, ArrayConv, ArrayResNet
+from fastres.study.models import BasicBlock, ResNet, strictly
+from fastres.study.structures import ResNetSpec
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -132,7 +132,7 @@ def _array_conv_bn(x: torch.Tensor, conv: ArrayConv, bn: ArrayBatchNorm,
 
 
 class TritonArrayResNet(ArrayResNet):
-    """fastres.arrays.ArrayResNet whose grouped forward runs on fastres.kernels (always
+    """fastres.run.arrays.ArrayResNet whose grouped forward runs on fastres.kernels (always
     grouped: the Triton convolution's group axis is the run axis)."""
 
     def uses_grouped(self, device: torch.device) -> bool:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastres.protocol import CIFAR_MEAN, CIFAR_STD, PAD
+from fastres.study.protocol import CIFAR_MEAN, CIFAR_STD, PAD
 
 BACKENDS = ("auto", "torch", "triton")
 

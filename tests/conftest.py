@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fastres.data import BetonPair, prepare, write_beton
+from fastres.study.data import BetonPair, prepare, write_beton
 
 SHARED_JPEG = Path(__file__).resolve().parents[1].parent / "shared/data/cifar10-jpeg.tar.gz"
 
@@ -92,9 +92,9 @@ def standin_graphs():
 
 @pytest.fixture
 def graphed_runs(standin_graphs, monkeypatch):
-    """The stand-in with one warm-up per shape, so a 3-epoch run of fastres.train or
+    """The stand-in with one warm-up per shape, so a 3-epoch run of fastres.run.train or
     train_array captures its partial last batch too."""
-    monkeypatch.setattr("fastres.steps.WARM_STEPS", 1)
+    monkeypatch.setattr("fastres.run.steps.WARM_STEPS", 1)
     return standin_graphs
 
 

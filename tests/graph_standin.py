@@ -18,7 +18,7 @@ It has a CUDA graph's semantics, not "call the function again":
   itself passes to its update; tests count those separately.)
 Streams and synchronisation are no-ops on the CPU.
 
-`installed()` registers it for the CPU in fastres.steps.GRAPH_RUNTIMES and lets torch's
+`installed()` registers it for the CPU in fastres.run.steps.GRAPH_RUNTIMES and lets torch's
 capturable optimizers run on CPU tensors, until it exits: the suite's `standin_graphs` fixture
 uses it for one test, benchmarks/arrays.py --host for its graphed rows on the CPU.
 """
@@ -139,7 +139,7 @@ def _host_reads_refused() -> Iterator[None]:
 
 
 class StandInGraphs:
-    """fastres.steps.GraphRuntime for the CPU."""
+    """fastres.run.steps.GraphRuntime for the CPU."""
 
     def __init__(self) -> None:
         self.captures = 0
@@ -168,7 +168,7 @@ class StandInGraphs:
 @contextlib.contextmanager
 def installed() -> Iterator[StandInGraphs]:
     """graphs=True on the CPU runs through a fresh StandInGraphs while inside."""
-    from fastres import steps
+    from fastres.run import steps
 
     runtime = StandInGraphs()
     modules = [importlib.import_module(m) for m in ("torch.optim.adam", "torch.optim.adadelta")]

@@ -1,4 +1,4 @@
-"""Run arrays (fastres.arrays) against solo runs: each run of an array is its solo model."""
+"""Run arrays (fastres.run.arrays) against solo runs: each run of an array is its solo model."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastres.arrays import ArrayResNet, RunViews, array_loss
-from fastres.models import build, from_seed_checkpoint
-from fastres.protocol import SMOKE_SPEC, base_lr
-from fastres.steps import Schedule, make_optimizer
-from fastres.structures import ResNetSpec
+from fastres.run.arrays import ArrayResNet, RunViews, array_loss
+from fastres.run.steps import Schedule, make_optimizer
+from fastres.study.models import build, from_seed_checkpoint
+from fastres.study.protocol import SMOKE_SPEC, base_lr
+from fastres.study.structures import ResNetSpec
 
 from .conftest import scaled_error, stable_seed
 
@@ -161,7 +161,7 @@ def train_solo(spec: ResNetSpec, seed: int, name: str, lr: float, wd: float, tma
 
 
 def solo_step(model, opt, x: torch.Tensor, y: torch.Tensor) -> None:
-    # fastres.steps.Steps.train off the GPU.
+    # fastres.run.steps.Steps.train off the GPU.
     opt.zero_grad(set_to_none=True)
     F.cross_entropy(model(x), y).backward()
     opt.step()
@@ -250,7 +250,8 @@ def test_grouped_path_matches_per_run_path(spec_name, runs, batch, size):
     assert err <= FORWARD_REL, f"eval logits: error {err:.2e}"
 
 
-# The convolution alone, where oneDNN has had silently wrong gradients (fastres.models.Conv2d):
+# The convolution alone, where oneDNN has had silently wrong gradients
+# (fastres.study.models.Conv2d):
 # one grouped conv against R dense ones at odd channel counts, batches and map sizes, in NCHW
 # (what the grouped path runs) and channels-last. No shape has failed on this test's CPUs (AMD
 # EPYC, torch 2.14); the per-run path stays the CPU default anyway, since it needs no grouped

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fastres.data import CIFAR10_CLASSES, cache_dir, check_beton, prepare, write_beton
-from fastres.train import main
+from fastres.run.train import main
+from fastres.study.data import CIFAR10_CLASSES, cache_dir, check_beton, prepare, write_beton
 
 from .conftest import random_images
 
@@ -40,7 +40,7 @@ def run(tree: Path, cache: Path, *extra: str) -> int:
 # ---------------------------------------------------------------- 1: a class never left out
 
 def test_images_one_folder_down_are_read_and_counted(tmp_path):
-    """What a run prints as it converts (fastres.train and the grid pass print as the log)."""
+    """What a run prints as it converts (fastres.run.train and the grid pass print as the log)."""
     tree = image_tree(tmp_path / "tree", nested="cat")
     said: list[str] = []
     pair = prepare(tree, cache=tmp_path / "cache", log=said.append)
@@ -171,7 +171,7 @@ CONVERT_SLOWLY = """
 import os, sys, time
 from pathlib import Path
 import numpy as np
-import fastres.data as data
+import fastres.study.data as data
 
 def slow(self, i):  # runs in FFCV's writer worker: say who it is, then take forever
     Path(sys.argv[2]).write_text(str(os.getpid()))

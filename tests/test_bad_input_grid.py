@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastres.data import BetonPair, DataError
-from fastres.grid import main
-from fastres.report import main as report_main
-from fastres.results import DB_NAME, DiskFull, ResultsDB, RunCheckpointer
+from fastres.grid.command import main
+from fastres.report.command import main as report_main
+from fastres.run.results import DB_NAME, DiskFull, ResultsDB, RunCheckpointer
+from fastres.study.data import BetonPair, DataError
 
 from .test_grid import spawn, table
 
@@ -50,8 +50,8 @@ def test_failed_cells_are_reported_failed_until_retried(array, tiny_betons, tmp_
     def broken(*_a, **_k):
         raise RuntimeError("CUDA error: no kernel image is available")
 
-    monkeypatch.setattr("fastres.train.train", broken)
-    monkeypatch.setattr("fastres.train_array.train_array", broken)
+    monkeypatch.setattr("fastres.run.train.train", broken)
+    monkeypatch.setattr("fastres.run.train_array.train_array", broken)
     for attempt in (1, 2, 3):
         assert main(base) == 1
         err = capsys.readouterr().err
@@ -266,9 +266,9 @@ def test_an_array_out_of_memory_is_split_never_a_crash(tiny_betons, tmp_path, mo
     """An array that does not fit (here: any of more than 2 runs, after its first epoch is
     recorded) is given back, attempts not counted, and retried as two halves; the grid
     finishes every cell and the results are those of the runs alone."""
-    import fastres.train_array
+    import fastres.run.train_array
 
-    real = fastres.train_array.train_array
+    real = fastres.run.train_array.train_array
     tried: list[int] = []
 
     def small_gpu(cfgs, *a, **k):
@@ -284,7 +284,7 @@ def test_an_array_out_of_memory_is_split_never_a_crash(tiny_betons, tmp_path, mo
             return real(cfgs, *a, **{**k, "on_epoch": oom_after_first_epoch})
         return real(cfgs, *a, **k)
 
-    monkeypatch.setattr(fastres.train_array, "train_array", small_gpu)
+    monkeypatch.setattr(fastres.run.train_array, "train_array", small_gpu)
     results = tmp_path / "r"
     base = args(tiny_betons, results, "--optimizers", "sgd,adam", "--augment", "on,off",
                 "--epochs", "2", "--checkpoint-every", "0")
@@ -334,7 +334,7 @@ def test_every_flag_of_every_cell_is_checked_before_anything_is_registered(
     def no_data(*_a, **_k):
         raise AssertionError("data was prepared before the bad flag was caught")
 
-    monkeypatch.setattr("fastres.data.prepare", no_data)
+    monkeypatch.setattr("fastres.study.data.prepare", no_data)
     results = tmp_path / "r"
     base = args(NO_DATA, results, "--augment", "on", "--epochs", "1")
     assert main([*base, *extra, *(["--dry-run"] if dry else [])]) == 2
@@ -362,12 +362,13 @@ def test_flags_that_would_do_nothing_are_said(tmp_path, capsys):
 
 def test_quiet_logs_get_no_progress_bars(tmp_path, monkeypatch, capsys):
     silenced = []
-    monkeypatch.setattr("fastres.grid.silence_conversion_bars", lambda: silenced.append(True))
+    monkeypatch.setattr("fastres.grid.command.silence_conversion_bars",
+                        lambda: silenced.append(True))
 
     def prepare(*_a, **_k):  # as far as the conversion: the bars are off by then
         raise DataError("stop here")
 
-    monkeypatch.setattr("fastres.data.prepare", prepare)
+    monkeypatch.setattr("fastres.study.data.prepare", prepare)
     assert main(args(NO_DATA, tmp_path / "r")) == 2  # --quiet
     assert silenced == [True]
 
@@ -376,7 +377,7 @@ def test_ctrl_c_in_a_dry_run_offers_no_resume(tmp_path, monkeypatch, capsys):
     def interrupted(*_a, **_k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("fastres.grid.print_plan", interrupted)
+    monkeypatch.setattr("fastres.grid.command.print_plan", interrupted)
     assert main(args(NO_DATA, tmp_path / "r", "--dry-run")) == 130
     err = capsys.readouterr().err
     assert "[grid] interrupted" in err and "resume" not in err
@@ -416,7 +417,7 @@ def test_one_spec_given_twice_is_one_structure(tmp_path, capsys):
 def test_a_locked_store_is_named_exit_2_and_nothing_lost(tmp_path, monkeypatch, capsys):
     """Another program holds a write transaction on results.sqlite: after the wait (shortened
     here from 60 s), one line naming the file and what to do, exit 2, the store as it was."""
-    monkeypatch.setattr("fastres.results.LOCK_WAIT", 0.3)
+    monkeypatch.setattr("fastres.run.results.LOCK_WAIT", 0.3)
     results = tmp_path / "r"
     db = ResultsDB(results)
     db.register("earlier", {"label": "an earlier run", "cell": "{}", "protocol_id": "p",
@@ -484,7 +485,7 @@ def test_a_ray_head_that_cannot_be_reached_fails_first_and_fast(address, message
     def no_data(*_a, **_k):
         raise AssertionError("data was prepared before --ray was checked")
 
-    monkeypatch.setattr("fastres.data.prepare", no_data)
+    monkeypatch.setattr("fastres.study.data.prepare", no_data)
     t0 = time.monotonic()
     assert main(args(NO_DATA, tmp_path / "r", "--ray", address)) == 2
     assert time.monotonic() - t0 < 10

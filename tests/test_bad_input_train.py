@@ -15,11 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
-from fastres.config import CPU_CHANNELS_LAST, TrainConfig
-from fastres.data import CIFAR10_CLASSES
-from fastres.signals import Interrupted, stop_on_signals
-from fastres.structures import ResNetSpec
-from fastres.train import main, make_loaders
+from fastres.run.config import CPU_CHANNELS_LAST, TrainConfig
+from fastres.run.signals import Interrupted, stop_on_signals
+from fastres.run.train import main, make_loaders
+from fastres.study.data import CIFAR10_CLASSES
+from fastres.study.structures import ResNetSpec
 
 from .conftest import random_images
 
@@ -35,7 +35,7 @@ def no_data(monkeypatch):
     def prepare(*_a, **_k):
         raise AssertionError("data was prepared before the bad flag was caught")
 
-    monkeypatch.setattr("fastres.train.prepare", prepare)
+    monkeypatch.setattr("fastres.run.train.prepare", prepare)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -118,7 +118,7 @@ def test_json_that_cannot_be_written_after_the_run_goes_to_stdout(tiny_betons, m
     def disk_full(*_a, **_k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("fastres.train.write_json_atomic", disk_full)
+    monkeypatch.setattr("fastres.run.train.write_json_atomic", disk_full)
     data = str(tiny_betons.train.parent)
     assert main(["--spec", SPEC, "--data", data, "--epochs", "1", "--json", "r.json"]) == 2
     out, err = capsys.readouterr()
@@ -248,7 +248,7 @@ def test_a_single_run_offers_no_checkpoint_flag(capsys, no_data):
 
 
 def test_explain_kernels_says_what_eager_runs(tiny_betons):
-    from fastres.train import train
+    from fastres.run.train import train
 
     said: list[str] = []
     train(TrainConfig(spec=TINY, structure=None, epochs=1, device="cpu", kernels="eager",

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastres.data import write_beton
-from fastres.structures import STRUCTURES, param_count
+from fastres.study.data import write_beton
+from fastres.study.structures import STRUCTURES, param_count
 
 from .conftest import random_images
 
@@ -102,7 +102,7 @@ def test_epoch_time_isolated_rung_and_to_best(small_data, tmp_path):
 
 
 def test_paper_model_matches_table1():
-    """Rung 1's model is written apart from fastres.models; it must be the same network."""
+    """Rung 1's model is written apart from fastres.study.models; it must be the same network."""
     for i, s in STRUCTURES.items():
         with torch.device("meta"):
             net = epoch_time.PaperResNet(s.N, s.B, s.C_in, s.F0, s.P0, s.F1, s.P1, s.K)

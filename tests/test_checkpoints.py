@@ -1,4 +1,4 @@
-"""fastres.checkpoints: atomic files, host copies, the cadence, the background writer, the best
+"""fastres.run.checkpoints: atomic files, host copies, the cadence, the background writer, the best
 weights and the trainer-side StateSaver. CPU only, no training."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from fastres.checkpoints import (
+from fastres.run.checkpoints import (
     BackgroundWriter,
     BestWeights,
     Cadence,
@@ -24,7 +24,7 @@ from fastres.checkpoints import (
     save_checkpoint,
     to_bytes,
 )
-from fastres.results import ResultsError
+from fastres.run.results import ResultsError
 
 TIMEOUT = 10  # seconds: only ever reached when something is broken
 
@@ -349,7 +349,7 @@ class _HalfWriter:
                                  KeyboardInterrupt()], ids=["disk-full", "interrupt"])
 def test_save_checkpoint_failing_mid_write_leaves_nothing_half_written(tmp_path, monkeypatch,
                                                                         exc):
-    import fastres.checkpoints as ck
+    import fastres.run.checkpoints as ck
 
     path = tmp_path / "epoch.pt"
     sha = save_checkpoint(path, {"epoch": 1, "w": torch.ones(1000)})
@@ -365,7 +365,7 @@ def test_save_checkpoint_failing_mid_write_leaves_nothing_half_written(tmp_path,
 
 
 def test_save_checkpoint_failing_fsync_keeps_the_old_file(tmp_path, monkeypatch):
-    import fastres.checkpoints as ck
+    import fastres.run.checkpoints as ck
 
     path = tmp_path / "epoch.pt"
     sha = save_checkpoint(path, {"epoch": 1})

@@ -22,10 +22,10 @@ import pytest
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from fastres.checkpoints import save_checkpoint  # noqa: E402
-from fastres.cluster import WORKER_RUNTIME_ENV  # noqa: E402
-from fastres.data import write_beton  # noqa: E402
-from fastres.results import DB_NAME, ResultsDB, ResultsError  # noqa: E402
+from fastres.grid.cluster import WORKER_RUNTIME_ENV  # noqa: E402
+from fastres.run.checkpoints import save_checkpoint  # noqa: E402
+from fastres.run.results import DB_NAME, ResultsDB, ResultsError  # noqa: E402
+from fastres.study.data import write_beton  # noqa: E402
 
 from .conftest import random_images  # noqa: E402
 from .test_grid import curves, finish, spawn, table  # noqa: E402

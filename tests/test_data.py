@@ -10,8 +10,8 @@ from fastres.loaders.augment import DeviceAugment
 from fastres.loaders.cifar import CifarLoader
 from PIL import Image
 
-from fastres import data as fdata
-from fastres.data import DataError, DataUnavailable, prepare, write_beton
+from fastres.study import data as fdata
+from fastres.study.data import DataError, DataUnavailable, prepare, write_beton
 
 from .conftest import random_images
 
@@ -222,7 +222,7 @@ def test_downloaded_copy_in_cache_is_used(tmp_path, monkeypatch):
 
 
 def test_train_cli_without_data(tmp_path, offline, capsys):
-    from fastres.train import main
+    from fastres.run.train import main
 
     assert main(["--epochs", "1", "--cache", str(tmp_path)]) == 2
     err = capsys.readouterr().err

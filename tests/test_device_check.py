@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fastres.kernels.choice import load_table
 
-from fastres.data import write_beton
-from fastres.kernel_choice import load_table
+from fastres.study.data import write_beton
 
 from .conftest import random_images, stable_seed
 
@@ -201,7 +201,7 @@ def assert_runs_close(got, want, what: str) -> None:
 
 @needs_cuda
 def test_cuda_device_index_beyond_the_visible_gpus_is_refused():
-    from fastres.config import parse_device
+    from fastres.run.config import parse_device
 
     n = torch.cuda.device_count()
     assert parse_device(f"cuda:{n - 1}").type == "cuda"
@@ -214,7 +214,7 @@ def test_cuda_host_copy_is_pinned_complete_and_independent():
     """The checkpoint's host copy of a CUDA state (pinned, asynchronous, one wait per device):
     bit for bit the device values, channels-last kept, tied tensors kept tied, nothing shared
     with the device tensors."""
-    from fastres.checkpoints import host_copy
+    from fastres.run.checkpoints import host_copy
 
     g = torch.Generator(device="cuda").manual_seed(stable_seed("host_copy"))
     weight = torch.randn(64, 32, 3, 3, device="cuda", generator=g).to(
@@ -241,7 +241,7 @@ def test_cuda_host_copy_is_pinned_complete_and_independent():
 @needs_cuda
 def test_cuda_best_weights_are_a_device_copy_kept_until_the_next_update():
     """BestWeights on CUDA: one batched device copy per update, no sharing with the model."""
-    from fastres.checkpoints import BestWeights
+    from fastres.run.checkpoints import BestWeights
 
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8)).cuda()
     model = model.to(memory_format=torch.channels_last)
@@ -266,12 +266,12 @@ def test_cuda_resume_into_a_graphed_engine_from_an_eager_checkpoint(optimizer, t
     """Killed after epoch 2 of an eager CUDA run, resumed with CUDA graphs: the state goes
     through the CUDA host copy and the engine's load, the fused/capturable optimizer is kept
     (else the capture reads the host and aborts), and the run ends as the uninterrupted one."""
-    from fastres.train import train
+    from fastres.run.train import train
 
     from .test_fast_path import QUIET
     from .test_train_array import MemoryStore
 
-    monkeypatch.setattr("fastres.steps.WARM_STEPS", 1)  # the partial last batch is captured too
+    monkeypatch.setattr("fastres.run.steps.WARM_STEPS", 1)  # the partial last batch is captured too
     cfg = cuda_config(optimizer=optimizer, seed=3, epochs=4, tmax=3, checkpoint_every=0,
                       graphs=False)
     store = MemoryStore()
@@ -298,12 +298,12 @@ def test_cuda_warm_graphed_engine_trains_a_second_run_as_eager_does(optimizer, t
                                                                     exact_fp32, monkeypatch):
     """Two runs on one CUDA workbench: the second reuses the first's model, optimizer and
     captured graphs; each ends as its own eager run."""
-    from fastres.train import train
-    from fastres.workbench import Workbench
+    from fastres.run.train import train
+    from fastres.run.workbench import Workbench
 
     from .test_fast_path import QUIET
 
-    monkeypatch.setattr("fastres.steps.WARM_STEPS", 1)
+    monkeypatch.setattr("fastres.run.steps.WARM_STEPS", 1)
     cfgs = [cuda_config(optimizer=optimizer, seed=1, epochs=3, tmax=2, graphs=True),
             cuda_config(optimizer=optimizer, seed=2, epochs=3, tmax=3, augment=False,
                         graphs=True)]
@@ -323,13 +323,13 @@ def test_cuda_graphed_array_trains_its_runs_as_they_train_alone(tiny_betons, exa
     graph per batch size) with mixed optimizers, Adagrad's device update included: each run
     within tests/test_train_array.py's grouped tolerance of the same run trained alone,
     eagerly."""
-    from fastres.train import train
-    from fastres.train_array import train_array
+    from fastres.run.train import train
+    from fastres.run.train_array import train_array
 
     from .test_fast_path import QUIET
     from .test_train_array import assert_close_runs
 
-    monkeypatch.setattr("fastres.steps.WARM_STEPS", 1)  # the partial last batch is captured too
+    monkeypatch.setattr("fastres.run.steps.WARM_STEPS", 1)  # the partial last batch is captured too
     rows = [dict(optimizer="adagrad", seed=11, augment=True, tmax=2),
             dict(optimizer="adadelta", seed=12, augment=False, tmax=3),
             dict(optimizer="nesterov", seed=13, augment=True, tmax=0)]

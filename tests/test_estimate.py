@@ -1,10 +1,10 @@
 """Knowing what you started: the grid's estimate from a few timed steps, before training."""
 
-from fastres import estimate
-from fastres.config import TrainConfig
-from fastres.grid import main
-from fastres.protocol import SMOKE_SPEC
-from fastres.structures import STRUCTURES, ResNetSpec
+from fastres.grid import estimate
+from fastres.grid.command import main
+from fastres.run.config import TrainConfig
+from fastres.study.protocol import SMOKE_SPEC
+from fastres.study.structures import STRUCTURES, ResNetSpec
 
 from .test_grid import grid_args, grid_data  # noqa: F401  (module fixture)
 

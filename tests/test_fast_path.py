@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fastres.config import TrainConfig
-from fastres.models import from_seed_checkpoint
-from fastres.protocol import PAPER_OPTIMIZERS, SMOKE_SPEC
-from fastres.results import DB_NAME
-from fastres.structures import ResNetSpec
-from fastres.workbench import Workbench
+from fastres.run.config import TrainConfig
+from fastres.run.results import DB_NAME
+from fastres.run.workbench import Workbench
+from fastres.study.models import from_seed_checkpoint
+from fastres.study.protocol import PAPER_OPTIMIZERS, SMOKE_SPEC
+from fastres.study.structures import ResNetSpec
 
 from .conftest import stable_seed
 from .test_grid import grid_data  # noqa: F401  (module fixture)
@@ -35,7 +35,7 @@ def config(**kw) -> TrainConfig:
 
 
 def run(cfg: TrainConfig, data, bench=None):
-    from fastres.train import train
+    from fastres.run.train import train
 
     return train(cfg, data=data, bench=bench, **QUIET)
 

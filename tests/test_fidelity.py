@@ -1,16 +1,16 @@
 """Fidelity, measured pairwise (issue 21): fastres's training path and the paper script's loop,
 in lockstep on the CPU in fp32, from the same initial weights on the same batches.
 
-fastres's side is fastres.train.train() itself: the workbench engine, fastres.steps.Steps, the
-FFCV stream loader (the CPU's default placement) with DeviceAugment, and the Schedule. The
+fastres's side is fastres.run.train.train() itself: the workbench engine, fastres.run.steps.Steps,
+the FFCV stream loader (the CPU's default placement) with DeviceAugment, and the Schedule. The
 paper's side is benchmarks/epoch_time.PaperTrainer: the script's model code (written apart from
-fastres.models), the stock torch.optim optimizer, nn.CrossEntropyLoss, CosineAnnealingLR, and
+fastres.study.models), the stock torch.optim optimizer, nn.CrossEntropyLoss, CosineAnnealingLR, and
 torchvision's transforms on PIL images. The initial weights are the paper model's, saved as the
-script saves a checkpoint and loaded with fastres.models.from_seed_checkpoint. The order, crops
-and flips fastres draws are recorded from its own loader (its traversal order and
-random_params, both called through) and given to torchvision's RandomCrop and
-RandomHorizontalFlip in place of their own draws; the images themselves come from the arrays
-the betons were written from, not from FFCV.
+script saves a checkpoint and loaded with fastres.study.models.from_seed_checkpoint. The order,
+crops and flips fastres draws are recorded from its own loader (its traversal order and
+random_params, both called through) and given to torchvision's RandomCrop and RandomHorizontalFlip
+in place of their own draws; the images themselves come from the arrays the betons were written
+from, not from FFCV.
 
 What is compared, and why each tolerance is what it is:
 - Every training batch (images and labels): exact. Both sides zero-pad, crop and flip uint8
@@ -21,7 +21,7 @@ What is compared, and why each tolerance is what it is:
   same order on tensors of the same shapes, strides and dtype (contiguous NCHW fp32), one after
   the other in one thread with the same intra-op thread count, and torch's CPU kernels are
   deterministic under those conditions. So round-off is the same on both sides and their
-  difference is zero: that is what fastres/steps.py claims ("bit for bit the loop the paper's
+  difference is zero: that is what fastres/run/steps.py claims ("bit for bit the loop the paper's
   script runs"). One ulp of difference would mean a different computation somewhere.
 - Each epoch's learning rate: exact (the same CosineAnnealingLR recursion on host floats).
 - Each epoch's metrics: the counts of correct answers exact; the mean losses to 2k * u relative
@@ -58,14 +58,14 @@ import torch
 import torch.nn.functional as F
 from fastres.loaders.cifar import EpochPermutation
 
-from fastres.config import TrainConfig
-from fastres.data import fixed_subset, prepare, write_beton
-from fastres.models import build, from_seed_checkpoint
-from fastres.protocol import CIFAR_MEAN, CIFAR_STD, PAD, PAPER_OPTIMIZERS
-from fastres.records import EpochMetrics
-from fastres.structures import STRUCTURES
-from fastres.train import train
-from fastres.workbench import Workbench
+from fastres.run.config import TrainConfig
+from fastres.run.records import EpochMetrics
+from fastres.run.train import train
+from fastres.run.workbench import Workbench
+from fastres.study.data import fixed_subset, prepare, write_beton
+from fastres.study.models import build, from_seed_checkpoint
+from fastres.study.protocol import CIFAR_MEAN, CIFAR_STD, PAD, PAPER_OPTIMIZERS
+from fastres.study.structures import STRUCTURES
 
 from .conftest import random_images, stable_seed
 
@@ -376,6 +376,6 @@ def test_lockstep_sees_a_wrong_crop(data, tmp_path, monkeypatch):
 
 
 def test_normalisation_constants_are_the_papers():
-    """The two sides share nothing but these numbers (fastres.protocol, read by both); check
+    """The two sides share nothing but these numbers (fastres.study.protocol, read by both); check
     them against protocol.md's."""
     assert CIFAR_MEAN == (0.4914, 0.4822, 0.4465) and CIFAR_STD == (0.2023, 0.1994, 0.2010)

@@ -17,8 +17,8 @@ import dataclasses
 import pytest
 import torch
 
-from fastres.train import train
-from fastres.train_array import train_array
+from fastres.run.train import train
+from fastres.run.train_array import train_array
 
 from .test_fast_path import QUIET, config, metrics, run
 from .test_graphs import Killed, assert_close_metrics, kill_after
@@ -108,7 +108,7 @@ def test_runs_saved_alone_and_in_an_array_resume_in_one_graphed_array(graphed_ru
 def test_an_array_step_dispatches_no_per_run_gradient_work_on_the_host(tiny_betons):
     """RunViews sets the runs' gradient views once: a step no longer re-points R x parameters
     .grad attributes (6.9 ms per step for 10 runs on this CPU before)."""
-    from fastres.arrays import ArrayResNet, RunViews
+    from fastres.run.arrays import ArrayResNet, RunViews
 
     from .test_fast_path import TINY
 
@@ -117,7 +117,7 @@ def test_an_array_step_dispatches_no_per_run_gradient_work_on_the_host(tiny_beto
     grads = [[v.grad for v in run_views] for run_views in views.params]
     views.zero_grad()
     x = [torch.randn(2, 3, 32, 32) for _ in range(3)]
-    from fastres.arrays import array_loss
+    from fastres.run.arrays import array_loss
 
     array_loss(model(x), torch.randint(0, 10, (3, 2)))[0].backward()
     views.step()
@@ -131,8 +131,8 @@ def test_auto_sizes_arrays_by_measured_step_time_and_records_it(graphed_runs, mo
     """choose_array (what --array auto runs on a GPU): the largest array that fits against one
     run at a time, each timed as it would train (graphed here, through the stand-in), the faster
     per run-step wins; what was measured is said, returned, and kept in the results store."""
-    import fastres.train_array as ta
-    from fastres.results import ResultsDB
+    import fastres.run.train_array as ta
+    from fastres.run.results import ResultsDB
 
     monkeypatch.setattr(ta, "fit_host_array", lambda cfg, cap, log: 3)
     said: list[str] = []

@@ -25,10 +25,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fastres.models import build
-from fastres.protocol import OPTIMIZER_SETTINGS, PAPER_OPTIMIZERS
-from fastres.steps import Schedule, Steps, make_optimizer
-from fastres.structures import ResNetSpec
+from fastres.run.steps import Schedule, Steps, make_optimizer
+from fastres.study.models import build
+from fastres.study.protocol import OPTIMIZER_SETTINGS, PAPER_OPTIMIZERS
+from fastres.study.structures import ResNetSpec
 
 from .conftest import scaled_error, stable_seed
 from .graph_standin import HostReadInCapture, StandInGraphs
@@ -215,7 +215,7 @@ def test_the_host_schedule_of_a_device_rate_does_not_warn(standin_graphs, recwar
     assert float(opt.param_groups[0]["lr"]) == pytest.approx(schedule.lr)
 
 
-# -- whole runs through fastres.train on graphed engines (the stand-in)
+# -- whole runs through fastres.run.train on graphed engines (the stand-in)
 
 
 def assert_close_metrics(graphed, eager, what: str) -> None:
@@ -238,7 +238,7 @@ def test_a_warm_graphed_engine_trains_a_second_run_as_eager_does(optimizer, grap
     """Two runs on one workbench: the second reuses the first's model, optimizer and captured
     graphs (fresh weights and zeroed state copied into the captured tensors, its own rate in
     the captured rate tensor); both equal their eager runs."""
-    from fastres.workbench import Workbench
+    from fastres.run.workbench import Workbench
 
     from .test_fast_path import config, run
 
@@ -276,7 +276,7 @@ def test_a_run_resumes_into_a_graphed_engine_from_an_eager_checkpoint(optimizer,
     """Killed after epoch 2 of an eager run (the CPU, an older version), resumed with graphs:
     the engine's optimizer stays fused/capturable through the load (else its capture reads the
     host and aborts), and the run ends as the uninterrupted eager run."""
-    from fastres.train import train
+    from fastres.run.train import train
 
     from .test_fast_path import QUIET, config, run
     from .test_train_array import MemoryStore
@@ -297,8 +297,8 @@ def test_runs_resume_into_graphed_engines_from_a_run_array_checkpoint(graphed_ru
     """An array of three runs (Adam, Adadelta, SGD: eager stock optimizers over views) killed
     after epoch 2; each run resumed alone on a graphed engine ends as its uninterrupted eager
     run."""
-    from fastres.train import train
-    from fastres.train_array import train_array
+    from fastres.run.train import train
+    from fastres.run.train_array import train_array
 
     from .test_fast_path import QUIET, config, run
     from .test_train_array import MemoryStore
@@ -330,11 +330,11 @@ def test_engines_of_four_structures_compile_once_per_shape_and_never_fall_back(m
 
     from torch._dynamo.utils import counters
 
-    from fastres.workbench import Workbench
+    from fastres.run.workbench import Workbench
 
     from .test_fast_path import config
 
-    monkeypatch.setattr("fastres.steps.COMPILE_BACKEND", "eager")
+    monkeypatch.setattr("fastres.run.steps.COMPILE_BACKEND", "eager")
     torch._dynamo.reset()
     counters.clear()
     bench = Workbench("cpu")  # keeps two engines: older ones are dropped, as in a grid
@@ -400,7 +400,7 @@ def test_no_tensor_is_made_from_host_data_per_batch_in_a_whole_epoch(tiny_betons
     order (one per epoch, copied from pinned memory without a wait on a GPU). The FFCV stream,
     the fallback where the data does not fit, brings each batch from the host by design (from
     its pinned buffers, non-blocking)."""
-    from fastres.train import train
+    from fastres.run.train import train
 
     from .test_fast_path import QUIET, config
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fastres.data import write_beton
-from fastres.grid import main
-from fastres.results import DB_NAME, ResultsDB
+from fastres.grid.command import main
+from fastres.run.results import DB_NAME, ResultsDB
+from fastres.study.data import write_beton
 
 from .conftest import random_images
 
@@ -212,7 +212,7 @@ def test_dry_run_of_the_paper_grid(capsys):
 
 
 def test_presets_plan(capsys):
-    from fastres.plan import PRESETS
+    from fastres.grid.plan import PRESETS
 
     assert len(PRESETS["paper"].cells()) == 90
     fig7 = PRESETS["fig7"].cells()

@@ -1,6 +1,6 @@
-"""`--kernels auto`: fastres.kernel_choice reads the committed table, and benchmarks/kernel_table.py
-writes it. GPU cases run with torch.cuda.get_device_name mocked (choose touches CUDA through
-nothing else), against temporary tables."""
+"""`--kernels auto`: fastres.kernels.choice reads the committed table, and
+benchmarks/kernel_table.py writes it. GPU cases run with torch.cuda.get_device_name mocked
+(choose touches CUDA through nothing else), against temporary tables."""
 
 from __future__ import annotations
 
@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from fastres import kernel_choice
-from fastres.kernel_choice import (
+from fastres.kernels import choice as kernel_choice
+from fastres.kernels.choice import (
     CPU_WHY,
     PROVENANCE,
     TABLE_PATH,
@@ -24,8 +23,9 @@ from fastres.kernel_choice import (
     choose,
     load_table,
 )
-from fastres.protocol import SMOKE_SPEC
-from fastres.structures import STRUCTURES, ResNetSpec
+
+from fastres.study.protocol import SMOKE_SPEC
+from fastres.study.structures import STRUCTURES, ResNetSpec
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_table.py"
 GPU = "NVIDIA Test GPU"

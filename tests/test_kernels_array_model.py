@@ -16,8 +16,8 @@ import pytest
 import torch
 from fastres.kernels.model import TritonArrayResNet
 
-from fastres.arrays import ArrayResNet, array_loss
-from fastres.structures import ResNetSpec
+from fastres.run.arrays import ArrayResNet, array_loss
+from fastres.study.structures import ResNetSpec
 
 from .conftest import scaled_error, stable_seed
 

@@ -15,8 +15,10 @@ PACKAGES = {"fastres": "fastres", "loaders": "fastres.loaders", "kernels": "fast
 def modules() -> dict[str, Path]:
     found = {}
     for folder, package in PACKAGES.items():
-        for path in sorted((ROOT / folder).glob("*.py")):
-            found[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            parts = path.relative_to(ROOT / folder).with_suffix("").parts
+            name = ".".join((package, *parts))
+            found[name.removesuffix(".__init__")] = path
     return found
 
 
@@ -80,9 +82,9 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_graph_sees_the_modules():
     graph = import_graph()
-    assert {"fastres.train", "fastres.loaders.cifar", "fastres.kernels._common"} <= set(graph)
+    assert {"fastres.run.train", "fastres.loaders.cifar", "fastres.kernels._common"} <= set(graph)
     assert "fastres.loaders.augment" in graph["fastres.loaders.cifar"]
-    assert "fastres.config" in graph["fastres.plan"]
+    assert "fastres.run.config" in graph["fastres.grid.plan"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
 
 
@@ -102,14 +104,14 @@ def loaded_after(*names: str) -> set[str]:
 
 def test_reports_and_planning_start_without_the_training_stack():
     """A report reads SQLite and draws: no trainer, no FFCV, not even torch."""
-    loaded = loaded_after("fastres.report", "fastres.plan", "fastres.config", "fastres.records",
-                          "fastres.protocol", "fastres.signals")
-    heavy = {"ffcv", "fastres.train", "torch"} & loaded
+    loaded = loaded_after("fastres.report.command", "fastres.grid.plan", "fastres.run.config",
+                          "fastres.run.records", "fastres.study.protocol", "fastres.run.signals")
+    heavy = {"ffcv", "fastres.run.train", "torch"} & loaded
     assert not heavy, sorted(heavy)
 
 
 def test_planning_and_configuration_import_no_torch():
-    loaded = loaded_after("fastres.plan", "fastres.config", "fastres.records", "fastres.protocol",
-                          "fastres.structures")
+    loaded = loaded_after("fastres.grid.plan", "fastres.run.config", "fastres.run.records",
+                          "fastres.study.protocol", "fastres.study.structures")
     heavy = {"torch", "ffcv", "triton"} & loaded
     assert not heavy, sorted(heavy)

@@ -9,11 +9,11 @@ import sys
 import pytest
 from rich.console import Console
 
-from fastres.grid import Progress, main
-from fastres.live import LiveBoard, render_text, use_live, worker_name
-from fastres.plan import Cell
-from fastres.records import EpochMetrics
-from fastres.structures import STRUCTURES
+from fastres.grid.command import Progress, main
+from fastres.grid.live import LiveBoard, render_text, use_live, worker_name
+from fastres.grid.plan import Cell
+from fastres.run.records import EpochMetrics
+from fastres.study.structures import STRUCTURES
 
 from .test_grid import ROOT, grid_args, grid_data  # noqa: F401  (module fixture)
 

@@ -5,8 +5,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastres.models import CheckpointError, build, forward_flops, from_seed_checkpoint
-from fastres.structures import STRUCTURES, ResNetSpec, forward_flop, param_count
+from fastres.study.models import CheckpointError, build, forward_flops, from_seed_checkpoint
+from fastres.study.structures import STRUCTURES, ResNetSpec, forward_flop, param_count
 
 
 class RefBlock(nn.Module):
@@ -147,7 +147,7 @@ def test_kernel_switch():
 def test_strictly_gives_the_format_strides_where_contiguous_does_not(shape):
     """A 1x1 weight moved to channels-last is is_contiguous() in both formats, so .contiguous()
     keeps its channels-last strides and oneDNN takes its channels-last path from them."""
-    from fastres.models import strictly
+    from fastres.study.models import strictly
 
     t = torch.randn(shape).contiguous(memory_format=torch.channels_last)
     nchw = strictly(t, torch.contiguous_format)
@@ -161,7 +161,7 @@ def test_strictly_gives_the_format_strides_where_contiguous_does_not(shape):
 @pytest.mark.parametrize("spec", [*STRUCTURES.values(), *SMALL.values(),
                                   ResNetSpec.parse("N=3 B=1,2,1 C_in=4 F0=5 P0=1 F1=3 P1=1 K=1")])
 def test_spec_counts_are_the_built_models(spec):
-    """fastres.structures counts parameters and FLOP from the spec alone (planning needs no
+    """fastres.study.structures counts parameters and FLOP from the spec alone (planning needs no
     torch); they must be what the built model has and computes."""
     model = build(spec)
     assert param_count(spec) == sum(p.numel() for p in model.parameters() if p.requires_grad)

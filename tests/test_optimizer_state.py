@@ -16,9 +16,9 @@ import copy
 import pytest
 import torch
 
-from fastres.adagrad import DeviceAdagrad
-from fastres.protocol import OPTIMIZER_SETTINGS, PAPER_OPTIMIZERS, WEIGHT_DECAY
-from fastres.steps import load_optimizer_state, make_optimizer
+from fastres.run.adagrad import DeviceAdagrad
+from fastres.run.steps import load_optimizer_state, make_optimizer
+from fastres.study.protocol import OPTIMIZER_SETTINGS, PAPER_OPTIMIZERS, WEIGHT_DECAY
 
 from .conftest import scaled_error
 

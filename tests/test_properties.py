@@ -42,8 +42,8 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from fastres.models import build
-from fastres.structures import ResNetSpec, SpecError, feature_map_sizes
+from fastres.study.models import build
+from fastres.study.structures import ResNetSpec, SpecError, feature_map_sizes
 
 from .conftest import scaled_error, stable_seed
 

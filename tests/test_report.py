@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from fastres.grid import main as grid_main
-from fastres.plan import Cell, GridProtocol, register
-from fastres.records import EpochMetrics, RunResult, best_of
-from fastres.report import main
-from fastres.results import ResultsDB, new_owner
-from fastres.structures import STRUCTURES
+from fastres.grid.command import main as grid_main
+from fastres.grid.plan import Cell, GridProtocol, register
+from fastres.report.command import main
+from fastres.run.records import EpochMetrics, RunResult, best_of
+from fastres.run.results import ResultsDB, new_owner
+from fastres.study.structures import STRUCTURES
 
 from .test_grid import grid_args, grid_data  # noqa: F401  (module fixture)
 

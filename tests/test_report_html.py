@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fastres.plan import Cell, GridProtocol, register
-from fastres.records import EpochMetrics, RunResult, best_of
-from fastres.report import main
-from fastres.results import ResultsDB, new_owner
-from fastres.structures import STRUCTURES
+from fastres.grid.plan import Cell, GridProtocol, register
+from fastres.report.command import main
+from fastres.run.records import EpochMetrics, RunResult, best_of
+from fastres.run.results import ResultsDB, new_owner
+from fastres.study.structures import STRUCTURES
 
 PNG = b"\x89PNG\r\n\x1a\n"
 ENV = {"fastres": "0.1.0", "git_commit": "0123456789abcdef0123", "torch": "2.14.1",

@@ -9,7 +9,7 @@ from fastres.loaders.cifar import CifarLoader
 from fastres.loaders.order import permutation
 from fastres.loaders.resident import ResidentData, ResidentLoader, fits, resident_bytes
 
-from fastres.data import write_beton
+from fastres.study.data import write_beton
 
 from .conftest import random_images
 

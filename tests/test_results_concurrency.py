@@ -3,7 +3,7 @@ and switching it to WAL at the same moment must wait for each other, never fail.
 
 import multiprocessing as mp
 
-from fastres.results import ResultsDB
+from fastres.run.results import ResultsDB
 
 PROCESSES, FOLDERS = 4, 12
 

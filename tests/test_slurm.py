@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fastres.data import write_beton
+from fastres.study.data import write_beton
 
 from .conftest import random_images
 from .test_grid import table

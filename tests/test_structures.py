@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from fastres.structures import (
+from fastres.study.structures import (
     STRUCTURES,
     ResNetSpec,
     SpecError,

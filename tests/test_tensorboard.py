@@ -11,13 +11,13 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
 from tensorboard.plugins.hparams import metadata
 
-from fastres.grid import main as grid_main
-from fastres.plan import Cell, GridProtocol, register
-from fastres.records import EpochMetrics, RunResult, best_of
-from fastres.report import main as report_main
-from fastres.results import ResultsDB, new_owner
-from fastres.structures import STRUCTURES
-from fastres.tensorboard import INDEX, ExportBusy, TensorBoardExport, export
+from fastres.grid.command import main as grid_main
+from fastres.grid.plan import Cell, GridProtocol, register
+from fastres.report.command import main as report_main
+from fastres.report.tensorboard import INDEX, ExportBusy, TensorBoardExport, export
+from fastres.run.records import EpochMetrics, RunResult, best_of
+from fastres.run.results import ResultsDB, new_owner
+from fastres.study.structures import STRUCTURES
 
 from .test_grid import grid_args, grid_data  # noqa: F401  (module fixture)
 

@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 
-from fastres.config import PRECISIONS, TrainConfig
-from fastres.protocol import OPTIMIZER_SETTINGS
-from fastres.records import best_of
-from fastres.steps import make_optimizer, make_scheduler
-from fastres.structures import ResNetSpec
-from fastres.train import main, train
+from fastres.run.config import PRECISIONS, TrainConfig
+from fastres.run.records import best_of
+from fastres.run.steps import make_optimizer, make_scheduler
+from fastres.run.train import main, train
+from fastres.study.protocol import OPTIMIZER_SETTINGS
+from fastres.study.structures import ResNetSpec
 
 TINY = ResNetSpec.parse("N=2 B=1,1 C_in=8 F0=3 P0=1 F1=3 P1=1 K=1")
 QUIET = {"log": lambda _m: None}
@@ -64,8 +64,9 @@ def test_optimizer_settings_match_table_2(name):
 
 
 def test_every_precision_name_has_a_dtype():
-    """fastres.config names the precisions (no torch there); the trainer maps each to a dtype."""
-    from fastres.steps import AMP_DTYPES as DTYPES
+    """fastres.run.config names the precisions (no torch there); the trainer maps each to a
+    dtype."""
+    from fastres.run.steps import AMP_DTYPES as DTYPES
 
     assert tuple(DTYPES) == PRECISIONS
 
@@ -86,7 +87,7 @@ def test_run_reports_every_epoch_and_its_rate(tiny_betons, tmp_path):
 
 
 def test_best_epoch_is_first_of_ties_and_one_based():
-    from fastres.records import EpochMetrics
+    from fastres.run.records import EpochMetrics
 
     eps = [EpochMetrics(i + 1, 0.1, 1.0, 0.5, loss, acc, 1.0)
            for i, (acc, loss) in enumerate([(0.3, 2.0), (0.6, 1.5), (0.6, 1.2), (0.5, 1.0)])]

@@ -1,4 +1,4 @@
-"""Run arrays (fastres.train_array) against the runs trained alone (fastres.train).
+"""Run arrays (fastres.run.train_array) against the runs trained alone (fastres.run.train).
 
 The per-run path (the CPU default) computes every op of every run with the solo model's dense
 ops on the same tensors in the same order, so an array's per-epoch metrics are its runs' solo
@@ -15,15 +15,15 @@ import numpy as np
 import pytest
 import torch
 
-from fastres.checkpoints import from_bytes
-from fastres.config import TrainConfig
-from fastres.data import prepare, write_beton
-from fastres.models import from_seed_checkpoint
-from fastres.protocol import PAPER_OPTIMIZERS, SMOKE_SPEC
-from fastres.records import EpochMetrics
-from fastres.structures import ResNetSpec
-from fastres.train import train
-from fastres.train_array import ArrayError, fit_size, train_array
+from fastres.run.checkpoints import from_bytes
+from fastres.run.config import TrainConfig
+from fastres.run.records import EpochMetrics
+from fastres.run.train import train
+from fastres.run.train_array import ArrayError, fit_size, train_array
+from fastres.study.data import prepare, write_beton
+from fastres.study.models import from_seed_checkpoint
+from fastres.study.protocol import PAPER_OPTIMIZERS, SMOKE_SPEC
+from fastres.study.structures import ResNetSpec
 
 TINY = ResNetSpec.parse(SMOKE_SPEC)
 QUIET = {"log": lambda _m: None}
@@ -79,7 +79,7 @@ def metrics(result) -> list[tuple]:
 
 @pytest.fixture(scope="module")
 def solo(betons):
-    """Each run of ROW trained alone (fastres.train, the reference loop)."""
+    """Each run of ROW trained alone (fastres.run.train, the reference loop)."""
     return [train(c, data=betons, **QUIET) for c in ROW]
 
 
@@ -138,7 +138,7 @@ def test_a_diverging_run_is_frozen_and_the_others_are_untouched(grouped, betons,
 
 
 class MemoryStore:
-    """A Checkpointer in memory (fastres.records.Checkpointer's contract)."""
+    """A Checkpointer in memory (fastres.run.records.Checkpointer's contract)."""
 
     def __init__(self) -> None:
         self.rows: list[EpochMetrics] = []

@@ -6,11 +6,11 @@
     python -m fastres.grid --workers 4 --runs-per-gpu 2      # through a local Ray cluster
 
 Results go to `--results DIR` (default ./runs): an SQLite database and checkpoints. Rerunning
-the same command resumes; finished runs are skipped. See fastres/results.py for the guarantees.
+the same command resumes; finished runs are skipped. See fastres/run/results.py for the guarantees.
 A cell that failed --max-retries + 1 times stays failed (exit 1) until a rerun with
 --retry-failed. Ctrl-C or SIGTERM stops at once and gives the run back (exit 130/143).
 
-This module runs a plan (locally or through Ray); fastres/plan.py makes it: cells, presets,
+This module runs a plan (locally or through Ray); fastres/grid/plan.py makes it: cells, presets,
 run ids and the selection flags.
 """
 
@@ -26,23 +26,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from fastres.config import (
-    add_run_arguments,
-    check_storable,
-    compute_settings,
-    device_or_default,
-)
-from fastres.data import (
-    SYNTHETIC,
-    SYNTHETIC_WARNING,
-    BetonPair,
-    DataError,
-    DataUnavailable,
-    silence_conversion_bars,
-)
-from fastres.kernel_choice import KernelsUnavailable
-from fastres.live import LiveBoard, local_worker, use_live
-from fastres.plan import (
+from fastres.grid.live import LiveBoard, local_worker, use_live
+from fastres.grid.plan import (
     PRESETS,
     Cell,
     GridError,
@@ -55,13 +40,28 @@ from fastres.plan import (
     print_plan,
     register,
 )
-from fastres.protocol import CIFAR_SIZES, OPTIMIZER_SETTINGS
-from fastres.records import EpochMetrics
-from fastres.signals import Interrupted, stop_on_signals
-from fastres.structures import SpecError
+from fastres.kernels.choice import KernelsUnavailable
+from fastres.run.config import (
+    add_run_arguments,
+    check_storable,
+    compute_settings,
+    device_or_default,
+)
+from fastres.run.records import EpochMetrics
+from fastres.run.signals import Interrupted, stop_on_signals
+from fastres.study.data import (
+    SYNTHETIC,
+    SYNTHETIC_WARNING,
+    BetonPair,
+    DataError,
+    DataUnavailable,
+    silence_conversion_bars,
+)
+from fastres.study.protocol import CIFAR_SIZES, OPTIMIZER_SETTINGS
+from fastres.study.structures import SpecError
 
 if TYPE_CHECKING:
-    from fastres.tensorboard import TensorBoardExport
+    from fastres.report.tensorboard import TensorBoardExport
 
 class Progress:
     """One display for the whole grid: cells done of total, current cell and epoch, and an ETA
@@ -119,7 +119,7 @@ class Progress:
         warning, never the grid."""
         if self.tensorboard is None:
             return
-        from fastres.results import ResultsError
+        from fastres.run.results import ResultsError
 
         try:
             self.tensorboard.update()
@@ -208,8 +208,8 @@ def failed_detail(row: dict, max_attempts: int) -> str:
 
 def run_unit(jobs: list[Job], on_epoch=None) -> list[tuple[str, str, str]]:
     """Lease the cells of one unit (one cell, or an array of cells of one spec and protocol),
-    train those it got (one alone through fastres.train, several as one run array through
-    fastres.train_array) and record each. Returns (run_id, outcome, detail) per cell: outcome
+    train those it got (one alone through fastres.run.train, several as one run array through
+    fastres.run.train_array) and record each. Returns (run_id, outcome, detail) per cell: outcome
     'completed', 'diverged', 'failed' (detail: why), 'done' (finished before), 'busy' (another
     live process has it), or 'split' for the cells of an array that ran out of device memory
     (given back unfinished, their attempts not counted: the caller retries them in halves).
@@ -219,7 +219,7 @@ def run_unit(jobs: list[Job], on_epoch=None) -> list[tuple[str, str, str]]:
 
     import torch
 
-    from fastres.results import (
+    from fastres.run.results import (
         DiskFull,
         Heartbeat,
         LeaseLost,
@@ -229,9 +229,9 @@ def run_unit(jobs: list[Job], on_epoch=None) -> list[tuple[str, str, str]]:
         StoreLocked,
         new_owner,
     )
-    from fastres.train import train
-    from fastres.train_array import train_array
-    from fastres.workbench import for_device
+    from fastres.run.train import train
+    from fastres.run.train_array import train_array
+    from fastres.run.workbench import for_device
 
     db = ResultsDB(jobs[0].results)
     owner = new_owner()
@@ -370,13 +370,13 @@ def run_ray(jobs: list[Job], progress: Progress, workers: int | None, runs_per_g
     with sizes (see array_units), an array of cells of one structure is one task.
     Only this process (the driver) opens the results folder; tasks report epochs and
     checkpoints back through Ray. A task whose worker or node dies is retried by Ray up to
-    max_retries times and resumes from its last committed checkpoint (fastres/cluster.py)."""
+    max_retries times and resumes from its last committed checkpoint (fastres/grid/cluster.py)."""
     try:
         import ray
     except ImportError:
         raise GridError("--workers > 1 and --ray need Ray: pip install 'fastres[cluster]'"
                         ) from None
-    from fastres.cluster import RayCell, run_cells
+    from fastres.grid.cluster import RayCell, run_cells
 
     # ray.init replaces the SIGTERM handler with sys.exit (exit 15, or Ray's C++ abort at
     # shutdown): the grid's own (stop, give the runs back, "interrupted", 143) is put back, and
@@ -446,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="give runs that failed --max-retries + 1 times that many attempts again")
     ap.add_argument("--array", default="auto", metavar="auto|off|N",
                     help="train the cells of one structure together as arrays of up to N runs "
-                    "(fastres/train_array.py); auto: as many as the device's memory holds, at "
+                    "(fastres/run/train_array.py); auto: as many as the device's memory holds, at "
                     f"most {AUTO_ARRAY_CAP}; off: one at a time")
     ap.add_argument("--tensorboard", metavar="DIR", help="keep TensorBoard event files of every "
                     "run in DIR current while the grid runs (tensorboard --logdir DIR)")
@@ -469,7 +469,7 @@ def check_flags(args: argparse.Namespace) -> None:
     if not args.results.strip():
         raise GridError("--results '' names no folder; give one, e.g. --results runs")
     if os.path.isfile(args.results):
-        from fastres.results import DB_NAME
+        from fastres.run.results import DB_NAME
 
         hint = (f"; give the folder that holds it: --results {os.path.dirname(args.results) or '.'}"
                 if os.path.basename(args.results) == DB_NAME else "")
@@ -571,7 +571,7 @@ def parse_array(value: str) -> int | None:
 def array_sizes(asked: int | None, configs: dict[str, object], log=print,
                 records: dict[str, dict] | None = None) -> dict[str, int]:
     """Runs per array for each spec (configs: spec -> one of its resolved TrainConfigs). On a
-    GPU `auto` measures (fastres.train_array.choose_array) and puts what it measured and chose
+    GPU `auto` measures (fastres.run.train_array.choose_array) and puts what it measured and chose
     in `records` (spec -> record)."""
     sizes = {}
     for spec, cfg in configs.items():
@@ -582,12 +582,12 @@ def array_sizes(asked: int | None, configs: dict[str, object], log=print,
         elif asked is not None:
             sizes[spec] = asked
         elif not cfg.device.startswith("cuda"):
-            from fastres.train_array import fit_host_array
+            from fastres.run.train_array import fit_host_array
 
             sizes[spec] = fit_host_array(cfg, AUTO_ARRAY_CAP, log)
         else:
-            from fastres.train_array import choose_array
-            from fastres.workbench import for_device
+            from fastres.run.train_array import choose_array
+            from fastres.run.workbench import for_device
 
             # One run at a time is timed on this process's workbench: its warm engine is the
             # one the first of those runs trains on.
@@ -608,7 +608,7 @@ def _tensorboard(out: str | None, results: str) -> TensorBoardExport | None:
     """The --tensorboard exporter; where another process exports there already, none."""
     if out is None:
         return None
-    from fastres.tensorboard import ExportBusy, TensorBoardExport
+    from fastres.report.tensorboard import ExportBusy, TensorBoardExport
 
     try:
         return TensorBoardExport(out, results)
@@ -633,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
 def print_estimate(configs: list, epochs_left: list[int], n_train: int, n_test: int,
                    workers: int) -> None:
     """How long the cells will take here, from a few timed steps of each structure."""
-    from fastres.estimate import estimate_lines
+    from fastres.grid.estimate import estimate_lines
 
     resolved = [c.resolved(log=lambda _m: None) for c in configs]
     for line in estimate_lines(resolved, epochs_left, n_train, n_test, workers):
@@ -641,8 +641,8 @@ def print_estimate(configs: list, epochs_left: list[int], n_train: int, n_test: 
 
 
 def _run(args: argparse.Namespace) -> int:
-    from fastres.data import prepare
-    from fastres.results import DONE, ResultsDB, ResultsError
+    from fastres.run.results import DONE, ResultsDB, ResultsError
+    from fastres.study.data import prepare
 
     try:
         plan = plan_from_args(args)
@@ -747,6 +747,3 @@ def _run(args: argparse.Namespace) -> int:
         print(f"[grid] not finished: {', '.join(unfinished)}", file=sys.stderr)
     return 1 if failed or unfinished else 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -27,10 +27,10 @@ from collections import defaultdict
 from pathlib import Path
 from statistics import mean
 
-from fastres.paper import OPTIMIZER_ORDER, TABLE3, TABLE4
-from fastres.results import DONE, ResultsDB, ResultsError
-from fastres.structures import STRUCTURES
-from fastres.tables import FIELDS, fmt, row_average, table_blocks
+from fastres.report.tables import FIELDS, fmt, row_average, table_blocks
+from fastres.run.results import DONE, ResultsDB, ResultsError
+from fastres.study.paper import OPTIMIZER_ORDER, TABLE3, TABLE4
+from fastres.study.structures import STRUCTURES
 
 
 def _row_name(r: dict) -> str:
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     text = io.StringIO()
     with contextlib.redirect_stdout(text):
         if args.format == "html":
-            from fastres.report_html import page
+            from fastres.report.html import page
 
             print(page(chosen=chosen, protocol=protocol, notes=notes, cells=cells, runs=runs,
                        fig_dir=fig_dir, fig_notes=fig_notes), end="")
@@ -303,7 +303,7 @@ def _emit(text: str, out: str | None) -> int:
 
 
 def _export_tensorboard(results: str, out: str) -> int:
-    from fastres.tensorboard import export
+    from fastres.report.tensorboard import export
 
     try:
         n_runs, n_epochs = export(out, results)
@@ -317,6 +317,3 @@ def _export_tensorboard(results: str, out: str) -> int:
           f"tensorboard --logdir {out}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -31,11 +31,10 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from fastres.checkpoints import from_bytes, to_bytes
-from fastres.config import TrainConfig, device_or_default
-from fastres.data import BetonPair
-from fastres.records import EpochMetrics, RunResult
-from fastres.results import (
+from fastres.run.checkpoints import from_bytes, to_bytes
+from fastres.run.config import TrainConfig, device_or_default
+from fastres.run.records import EpochMetrics, RunResult
+from fastres.run.results import (
     LEASE_TTL,
     RAY_WORKER_ENV,
     LeaseLost,
@@ -43,6 +42,7 @@ from fastres.results import (
     RunCheckpointer,
     new_owner,
 )
+from fastres.study.data import BetonPair
 
 # Every task and actor of the grid runs with it: ResultsDB and save_checkpoint refuse there.
 WORKER_RUNTIME_ENV = {"env_vars": {RAY_WORKER_ENV: "1"}}
@@ -175,16 +175,16 @@ def _refused_or_failed(e: BaseException) -> tuple[str, str]:
 
 def run_unit(cells: list[RayCell], store: Any, threads: int
              ) -> list[tuple[str, RunResult | str]]:
-    """The Ray task: train one cell (fastres.train), or the cells of one spec as one run array
-    (fastres.train_array), through the store. Per cell (status, RunResult), ('failed', error)
+    """The Ray task: train one cell (fastres.run.train), or the cells of one spec as one run array
+    (fastres.run.train_array), through the store. Per cell (status, RunResult), ('failed', error)
     for a run that raised, or ('refused', why) when the driver refused it (in an array, that
     run leaves alone); ('split', why) for every cell when an array ran out of device memory
     (the driver retries it in halves)."""
     import torch
 
-    from fastres.train import train
-    from fastres.train_array import train_array
-    from fastres.workbench import for_device
+    from fastres.run.train import train
+    from fastres.run.train_array import train_array
+    from fastres.run.workbench import for_device
 
     torch.set_num_threads(threads)
     where = {"ray_node_id": ray.get_runtime_context().get_node_id(),

@@ -18,10 +18,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from fastres.config import TrainConfig
 from fastres.loaders.resident import ResidentData, fits, resident_bytes
-from fastres.models import build
-from fastres.steps import (
+from fastres.run.config import TrainConfig
+from fastres.run.steps import (
     AMP_DTYPES,
     Steps,
     compile_model,
@@ -29,6 +28,7 @@ from fastres.steps import (
     make_optimizer,
     reset_optimizer_state,
 )
+from fastres.study.models import build
 
 
 def engine_key(cfg: TrainConfig) -> tuple:

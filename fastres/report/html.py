@@ -16,9 +16,9 @@ import time
 from html import escape
 from pathlib import Path
 
-from fastres.paper import OPTIMIZER_ORDER, TABLE3
-from fastres.results import DONE
-from fastres.tables import FIELDS, fmt, row_average, table_blocks
+from fastres.report.tables import FIELDS, fmt, row_average, table_blocks
+from fastres.run.results import DONE
+from fastres.study.paper import OPTIMIZER_ORDER, TABLE3
 
 FIGURES = {
     "fig5_optimizers_augmented": "Figure 5: test loss of each optimizer, augmented data",

@@ -5,7 +5,7 @@ transaction, its metrics row and the reference to that file. A `kill -9` at any 
 loses at most the epoch in flight: the database never points at a file that is not whole, and a
 file that is whole but unreferenced is simply written again. Leases with a heartbeat keep two
 grid processes from training the same run; a dead owner's lease is taken over. In Ray mode only
-the driver opens this folder (fastres/cluster.py): a Ray worker that tries gets a ResultsError.
+the driver opens this folder (fastres/grid/cluster.py): a Ray worker that tries gets a ResultsError.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from fastres.records import EpochMetrics, RunResult
+from fastres.run.records import EpochMetrics, RunResult
 
 SCHEMA_VERSION = 2
 # Schema 1 lacked best_sha (best.pt arrived with schema 2): opened for writing, it gains it.
@@ -504,7 +504,7 @@ class _Transaction:
 
 
 class RunCheckpointer:
-    """The trainer's Checkpointer (fastres.records) for one leased run of a ResultsDB: metrics
+    """The trainer's Checkpointer (fastres.run.records) for one leased run of a ResultsDB: metrics
     rows through this connection, saved states through a connection of the writer thread's
     own (an SQLite connection belongs to its thread)."""
 
@@ -525,7 +525,7 @@ class RunCheckpointer:
             old.unlink(missing_ok=True)
 
     def load(self) -> tuple[dict, list[EpochMetrics]] | None:
-        from fastres.checkpoints import load_checkpoint  # torch: not for readers of results
+        from fastres.run.checkpoints import load_checkpoint  # torch: not for readers of results
 
         r = self.db.run(self.run_id)
         if r is None or (r["epochs_done"] == 0 and r["checkpoint"] is None):
@@ -562,7 +562,7 @@ class RunCheckpointer:
 
     def save(self, epoch: int, state: bytes, best: bytes | None) -> None:
         """Write the state (and best.pt), then point the run at it; from the writer thread."""
-        from fastres.checkpoints import save_checkpoint
+        from fastres.run.checkpoints import save_checkpoint
 
         db = self.db if threading.get_ident() == self._home else getattr(self._local, "db", None)
         if db is None:

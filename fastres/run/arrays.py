@@ -4,7 +4,7 @@ Each run keeps its own weights, BatchNorm statistics, optimizer, learning rate a
 and trains exactly as it would alone. The runs' tensors are stacked (the idea of HFTA's
 horizontally fused models): a conv weight is one (R*C_out, C_in, k, k) tensor, run r's rows
 r*C_out:(r+1)*C_out, which is the weight of a grouped convolution with groups=R; a BN tensor is
-(R*C,); the head is (R, 10, C_last) and (R, 10). Module names are fastres.models' (the paper
+(R*C,); the head is (R, 10, C_last) and (R, 10). Module names are fastres.study.models' (the paper
 script's state_dict keys), so key k of the array holds the R runs' tensors of key k.
 
 Two compute paths over the same tensors:
@@ -13,7 +13,7 @@ Two compute paths over the same tensors:
   are per channel, so per run), the head one batched matmul. Few large kernels.
 - per-run (the default on the CPU): every op per run on contiguous slices with the solo model's
   dense ops in strict NCHW, so each run is bit for bit its solo model, and no grouped oneDNN
-  kernel is involved (fastres.models.Conv2d says why oneDNN is kept to plain NCHW here).
+  kernel is involved (fastres.study.models.Conv2d says why oneDNN is kept to plain NCHW here).
 
 Optimizers are stock torch.optim, one per run, over leaf Parameters that are views of the
 stacked tensors (RunViews): their state_dicts are those of a solo run's optimizer.
@@ -28,12 +28,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastres.models import build, strictly
-from fastres.protocol import WEIGHT_DECAY
-from fastres.steps import Steps, load_optimizer_state, make_optimizer
-from fastres.structures import NUM_CLASSES, ResNetSpec
+from fastres.run.steps import Steps, load_optimizer_state, make_optimizer
+from fastres.study.models import build, strictly
+from fastres.study.protocol import WEIGHT_DECAY
+from fastres.study.structures import NUM_CLASSES, ResNetSpec
 
-# nn.BatchNorm2d's defaults, which fastres.models uses.
+# nn.BatchNorm2d's defaults, which fastres.study.models uses.
 BN_MOMENTUM = 0.1
 BN_EPS = 1e-5
 
@@ -41,7 +41,7 @@ Batches = torch.Tensor | Sequence[torch.Tensor]
 
 
 def _nchw(t: torch.Tensor) -> torch.Tensor:
-    # Plain NCHW on the CPU, as fastres.models.Conv2d computes; cuDNN takes any layout.
+    # Plain NCHW on the CPU, as fastres.study.models.Conv2d computes; cuDNN takes any layout.
     return strictly(t, torch.contiguous_format) if t.device.type == "cpu" else t
 
 
@@ -109,7 +109,7 @@ def _seq_per_run(seq: nn.Sequential, xs: list[torch.Tensor]) -> list[torch.Tenso
 
 
 class ArrayBlock(nn.Module):
-    """fastres.models.BasicBlock for R runs (same names, same shortcut rule)."""
+    """fastres.study.models.BasicBlock for R runs (same names, same shortcut rule)."""
 
     def __init__(self, runs: int, in_ch: int, out_ch: int, stride: int, f1: int, p1: int,
                  k: int):
@@ -152,7 +152,7 @@ class ArrayHead(nn.Module):
 
 
 class ArrayResNet(nn.Module):
-    """R runs of fastres.models.ResNet(spec) as one model; forward takes R batches of the same
+    """R runs of fastres.study.models.ResNet(spec) as one model; forward takes R batches of the same
     size ((R, B, 3, H, W), or a sequence of R (B, 3, H, W)) and returns logits (R, B, 10).
 
     grouped: True for the grouped path, False for the per-run path, None (default) for grouped
@@ -181,7 +181,7 @@ class ArrayResNet(nn.Module):
         solo = [build(spec).state_dict() for _ in range(runs)]
         self.solo_shapes = {k: tuple(v.shape) for k, v in solo[0].items()}
         if list(self.solo_shapes) != list(self.state_dict()):
-            raise AssertionError("ArrayResNet's state keys differ from fastres.models'")
+            raise AssertionError("ArrayResNet's state keys differ from fastres.study.models'")
         self.load_runs(solo)
 
     # -- per-run state
@@ -192,7 +192,7 @@ class ArrayResNet(nn.Module):
 
     def run_views(self, r: int) -> dict[str, torch.Tensor]:
         """Run r's state_dict under the paper's keys as detached views into the array: for a
-        copy made at once (fastres.checkpoints.BestWeights); later steps change them."""
+        copy made at once (fastres.run.checkpoints.BestWeights); later steps change them."""
         if not 0 <= r < self.runs:
             raise IndexError(f"run {r} of an array of {self.runs}")
         return {k: self.run_view(k, v.detach(), r) for k, v in self.state_dict().items()}
@@ -286,7 +286,7 @@ class ArrayResNet(nn.Module):
         return self.linear(out)
 
     def _per_run(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
-        # Layer by layer over the runs; each run's ops are those of fastres.models.ResNet.
+        # Layer by layer over the runs; each run's ops are those of fastres.study.models.ResNet.
         out = [F.relu(o) for o in self.bn1.per_run(self.conv1.per_run(xs))]
         for i in range(self.spec.N):
             for block in getattr(self, f"layer{i + 1}"):
@@ -327,7 +327,7 @@ class RunViews:
     Parameters hold views of it for good. So a step costs the host nothing per run and
     parameter beyond the optimizers' own work, and a CUDA graph can hold the whole step (the
     tensors it reads and writes never change). graphed=True: each run's optimizer is the one a
-    graph can hold (fastres.steps.make_optimizer), its rate a device tensor of its own.
+    graph can hold (fastres.run.steps.make_optimizer), its rate a device tensor of its own.
 
     Make it after the model is on its device (moving the model replaces the stacked tensors).
     Each step: zero_grad(), forward, array_loss(...)[0].backward(), step(active)."""
@@ -393,7 +393,7 @@ class RunViews:
 
 
 class ArraySteps(Steps):
-    """fastres.steps.Steps for an array: one step trains every run (forward of the array, the
+    """fastres.run.steps.Steps for an array: one step trains every run (forward of the array, the
     sum of the runs' mean losses, backward, each run's optimizer), one eval batch scores every
     run; the epoch's sums are per run, on the device, read once. graphs=True captures the
     whole array step as one graph per batch size (RunViews' gradients are persistent, so the

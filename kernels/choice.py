@@ -3,7 +3,7 @@ where Triton cannot run. No torch at import: the run configuration checks `--ker
 training stack loads.
 
 `auto` picks, per structure, what a committed GPU measurement found fastest. The measurements
-live in package data, `fastres/kernel_table.json`, written on a GPU by
+live in package data, `kernels/kernel_table.json`, written on a GPU by
 `benchmarks/kernel_table.py` (run by `benchmarks/device_check.sh`) and committed as it came
 back. Each entry is one device:
 
@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fastres.structures import STRUCTURES, ResNetSpec
+from fastres.study.structures import STRUCTURES, ResNetSpec
 
 if TYPE_CHECKING:
     import torch

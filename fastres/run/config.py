@@ -1,5 +1,5 @@
 """A run's configuration: TrainConfig with its checks and per-device defaults, and the flags that
-say where and how a run computes (shared by `python -m fastres.train` and `fastres.grid`).
+say where and how a run computes (shared by `python -m fastres.train` and `fastres.grid.command`).
 
 No torch or FFCV at import: a grid plans and checks every cell before the training stack loads.
 torch is imported inside the two functions that look at the devices (parse_device, resolved).
@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fastres.kernel_choice import KERNELS, choose
-from fastres.protocol import (
+from fastres.kernels.choice import KERNELS, choose
+from fastres.study.protocol import (
     EPOCHS,
     OPTIMIZER_SETTINGS,
     TEST_BATCH,
@@ -27,12 +27,12 @@ from fastres.protocol import (
     WEIGHT_DECAY,
     base_lr,
 )
-from fastres.structures import PARAM_BUDGET, STRUCTURES, ResNetSpec
+from fastres.study.structures import PARAM_BUDGET, STRUCTURES, ResNetSpec
 
 if TYPE_CHECKING:
     import torch
 
-PRECISIONS = ("fp32", "bf16", "fp16")  # autocast dtypes by name (fastres.train maps them)
+PRECISIONS = ("fp32", "bf16", "fp16")  # autocast dtypes by name (fastres.run.train maps them)
 KERNEL_CHOICES = ("auto", *KERNELS)
 PLACEMENTS = ("auto", "resident", "stream")
 CHECKPOINT_EVERY = 60.0
@@ -140,7 +140,7 @@ class TrainConfig:
                 log(f"[train] {CPU_CHANNELS_LAST}")
             channels_last = False
         precision = self.precision or ("bf16" if gpu else "fp32")
-        from fastres.steps import graphs_available  # torch: only when a config is resolved
+        from fastres.run.steps import graphs_available  # torch: only when a config is resolved
 
         if self.graphs and not graphs_available(parse_device(device)):
             raise ValueError(f"--graphs on needs a CUDA GPU; {device} has no CUDA graphs")
@@ -241,7 +241,7 @@ def int_at_least(lo: int) -> Callable[[str], int]:
 
 
 def add_run_arguments(ap: argparse.ArgumentParser, checkpoints: bool = True) -> None:
-    """Flags shared by fastres.train and fastres.grid: where and how a run computes.
+    """Flags shared by fastres.run.train and fastres.grid.command: where and how a run computes.
     checkpoints=False: no --checkpoint-every (a command that keeps no checkpoints)."""
     ap.add_argument("--data", help="CIFAR-10 source (default: $FASTRES_DATA, else the cached "
                     "or downloaded copy)")

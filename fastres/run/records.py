@@ -53,9 +53,9 @@ def best_of(epochs: list[EpochMetrics]) -> tuple[float | None, int | None, float
 
 
 class Checkpointer(Protocol):
-    """Where a resumable run keeps its metrics and state (fastres.results implements it on SQLite,
-    fastres.cluster through the Ray driver). Metrics are recorded every epoch; the state only on
-    the trainer's time cadence, so the state may lag the metrics by a few epochs."""
+    """Where a resumable run keeps its metrics and state (fastres.run.results implements it on
+    SQLite, fastres.grid.cluster through the Ray driver). Metrics are recorded every epoch; the
+    state only on the trainer's time cadence, so the state may lag the metrics by a few epochs."""
 
     def load(self) -> tuple[dict, list[EpochMetrics]] | None:
         """The last saved state (after epoch k, state["epoch"] == k) and the metrics of epochs
@@ -66,7 +66,7 @@ class Checkpointer(Protocol):
         """Commit one epoch's metrics (replacing any row of that epoch or later)."""
 
     def save(self, epoch: int, state: bytes, best: bytes | None) -> None:
-        """Make `state` (fastres.checkpoints.to_bytes of the state after `epoch`) the run's
+        """Make `state` (fastres.run.checkpoints.to_bytes of the state after `epoch`) the run's
         checkpoint, atomically and checked by sha256; with `best` (the best epoch's model
         weights, same encoding) also its best.pt. Called from the background writer thread, at
         most one call at a time."""

@@ -6,7 +6,7 @@ The training thread pays only for host_copy() at a save (and BestWeights.update(
 serialising, hashing and writing happen in the writer thread while the next epoch runs. At most
 one write is in flight: an epoch boundary that finds the writer busy skips its save.
 
-Imports torch (it serialises tensors), never fastres.train or FFCV.
+Imports torch (it serialises tensors), never fastres.run.train or FFCV.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastres.records import Checkpointer
+from fastres.run.records import Checkpointer
 
 # ---------------------------------------------------------------------------- files
 
@@ -55,8 +55,8 @@ def save_checkpoint(path: Path, state: dict | bytes) -> str:
     A failed write is an OSError (errno ENOSPC when the disk is full), never a half-written
     file: the temp file goes on any error, KeyboardInterrupt included, and an existing file at
     `path` stays as it was until the complete new one replaces it."""
-    # Imported here: fastres.results imports this module (the guard and error live there).
-    from fastres.results import refuse_in_ray_worker
+    # Imported here: fastres.run.results imports this module (the guard and error live there).
+    from fastres.run.results import refuse_in_ray_worker
 
     path = Path(path)
     refuse_in_ray_worker(path.parent)
@@ -90,7 +90,7 @@ def _sha256(path: Path) -> str:
 def load_checkpoint(path: Path, sha: str | None) -> dict:
     """The state in `path`, after checking it is the file the database recorded (ResultsError
     when missing, different or unreadable)."""
-    from fastres.results import ResultsError  # see save_checkpoint
+    from fastres.run.results import ResultsError  # see save_checkpoint
 
     path = Path(path)
     if not path.is_file():

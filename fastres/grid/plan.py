@@ -1,6 +1,6 @@
 """Planning a grid: its cells, what they share, their run ids, the presets and the flags that
 select them, and the cost of an epoch. No torch or FFCV: `python -m fastres.grid --dry-run`
-and the reports plan and key runs without the training stack (fastres.grid runs the plan).
+and the reports plan and key runs without the training stack (fastres.grid.command runs the plan).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from fastres.config import SEED_MAX, STORE_INT_MAX, TrainConfig, check_storable
-from fastres.protocol import (
+from fastres.run.config import SEED_MAX, STORE_INT_MAX, TrainConfig, check_storable
+from fastres.study.protocol import (
     CIFAR_SIZES,
     EPOCHS,
     OPTIMIZER_SETTINGS,
@@ -24,10 +24,10 @@ from fastres.protocol import (
     TRAIN_BATCH,
     WEIGHT_DECAY,
 )
-from fastres.structures import STRUCTURES, ResNetSpec, SpecError, forward_flop
+from fastres.study.structures import STRUCTURES, ResNetSpec, SpecError, forward_flop
 
 if TYPE_CHECKING:
-    from fastres.results import ResultsDB
+    from fastres.run.results import ResultsDB
 
 H200_BF16_FLOPS = 790e12  # measured dense bf16 rate quoted in protocol.md: the speed floor
 

@@ -6,7 +6,7 @@ The algorithm is torch.optim.Adagrad's (coupled weight decay, `lr_decay`, `eps`,
 `initial_accumulator_value`), and so is the state: per parameter a float32 `step` tensor and a
 `sum` of squared gradients, so a state_dict moves between the two in either direction (the
 checkpoint format stays a solo run's). The rate may be a float or a device tensor (filled in
-place by fastres.steps.Schedule).
+place by fastres.run.steps.Schedule).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ class DeviceAdagrad(torch.optim.Optimizer):
     """torch.optim.Adagrad's update with no host read: equal to it to round-off (bit for bit at
     the protocol's settings on the CPU, tested)."""
 
-    # fastres.steps.load_optimizer_state keeps each `step` on its parameter's device.
+    # fastres.run.steps.load_optimizer_state keeps each `step` on its parameter's device.
     device_steps = True
 
     def __init__(self, params: Iterable[torch.Tensor], lr: float | torch.Tensor = 1e-2,

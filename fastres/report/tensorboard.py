@@ -33,8 +33,8 @@ from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 from tensorboard.plugins.hparams import summary_v2 as hparams_summary
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
-from fastres.data import write_json_atomic
-from fastres.results import DONE, ResultsDB, ResultsError
+from fastres.run.results import DONE, ResultsDB, ResultsError
+from fastres.study.data import write_json_atomic
 
 INDEX = "fastres-tensorboard.json"
 LOCK = ".fastres-tensorboard.lock"

@@ -10,7 +10,7 @@ things make that possible:
 - gradients are set to None before capture, so backward allocates them in the graph's pool and
   each replay rewrites them in place.
 Every Table 2 optimizer is captured: fused SGD, capturable Adam and Adadelta, and
-fastres.adagrad.DeviceAdagrad (torch's Adagrad reads its step count on the host). Off the GPU
+fastres.run.adagrad.DeviceAdagrad (torch's Adagrad reads its step count on the host). Off the GPU
 everything runs eagerly with stock torch optimizers: the reference path, bit for bit the loop
 the paper's script runs.
 
@@ -30,10 +30,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastres.adagrad import DeviceAdagrad
-from fastres.protocol import OPTIMIZER_SETTINGS, WEIGHT_DECAY
+from fastres.run.adagrad import DeviceAdagrad
+from fastres.study.protocol import OPTIMIZER_SETTINGS, WEIGHT_DECAY
 
-# The autocast dtype of each --precision name (fastres.config.PRECISIONS); None: no autocast.
+# The autocast dtype of each --precision name (fastres.run.config.PRECISIONS); None: no autocast.
 AMP_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16,
                                              "fp16": torch.float16}
 

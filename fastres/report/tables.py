@@ -8,7 +8,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from statistics import mean
 
-from fastres.paper import OPTIMIZER_ORDER
+from fastres.study.paper import OPTIMIZER_ORDER
 
 # what -> (our value, the paper's, the difference, digits shown), keys of report.table_cells.
 FIELDS = {"acc": ("best_acc", "paper_acc", "acc_diff", 2),

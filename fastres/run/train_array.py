@@ -1,13 +1,13 @@
-"""R runs of one structure trained together as one array (fastres.arrays), top to bottom.
+"""R runs of one structure trained together as one array (fastres.run.arrays), top to bottom.
 
-Each run is the run fastres.train would make of its config: its own seed (weights, shuffle,
+Each run is the run fastres.run.train would make of its config: its own seed (weights, shuffle,
 crops), augmentation, optimizer, rate, T_max and weight decay, its own metrics, checkpoints and
 result. What the runs share is the model's kernels: every step is one forward and backward of
 the array. Runs may stand at different epochs (resumed from checkpoints written by arrays of
 other sizes, or alone): each counts its own. A run that finishes or diverges leaves the array
 at the end of that epoch; the rest go on in a smaller array.
 
-Each step is fastres.arrays.ArraySteps: on a GPU (cfg.graphs) the whole array step is replayed
+Each step is fastres.run.arrays.ArraySteps: on a GPU (cfg.graphs) the whole array step is replayed
 from one CUDA graph per batch size, every run's optimizer inside it.
 
 A run's checkpoint is a solo run's (paper keys, its optimizer's solo state_dict), so it resumes
@@ -26,18 +26,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-import fastres.steps
-from fastres.arrays import ArrayResNet, ArraySteps, RunViews, array_loss
-from fastres.checkpoints import BestWeights, StateSaver
-from fastres.config import TrainConfig
-from fastres.data import BetonPair, prepare
-from fastres.models import build
-from fastres.protocol import PAPER_OPTIMIZERS
-from fastres.records import Checkpointer, EpochMetrics, RunResult, best_of, finite
-from fastres.signals import Interrupted, StopRequest
-from fastres.steps import AMP_DTYPES, Schedule
-from fastres.train import environment, make_loaders
-from fastres.workbench import Workbench
+import fastres.run.steps
+from fastres.run.arrays import ArrayResNet, ArraySteps, RunViews, array_loss
+from fastres.run.checkpoints import BestWeights, StateSaver
+from fastres.run.config import TrainConfig
+from fastres.run.records import Checkpointer, EpochMetrics, RunResult, best_of, finite
+from fastres.run.signals import Interrupted, StopRequest
+from fastres.run.steps import AMP_DTYPES, Schedule
+from fastres.run.train import environment, make_loaders
+from fastres.run.workbench import Workbench
+from fastres.study.data import BetonPair, prepare
+from fastres.study.models import build
+from fastres.study.protocol import PAPER_OPTIMIZERS
 
 # What every run of one array must share: they are computed by the same kernels, from batches
 # of the same size, over the same data.
@@ -137,7 +137,7 @@ class Array:
                 run.schedule.load_state_dict(state["scheduler"])
 
     def state(self, i: int) -> dict:
-        """Run i's state in a solo run's checkpoint format (fastres.train's keys)."""
+        """Run i's state in a solo run's checkpoint format (fastres.run.train's keys)."""
         run = self.runs[i]
         return {"epoch": run.epoch, "model": self.model.run_state(i),
                 "optimizer": self.views.optimizer_state(i),
@@ -159,10 +159,10 @@ def train_array(cfgs: Sequence[TrainConfig], data: BetonPair | None = None,
     (of a type in `isolate`) that took run i out of the array alone, say a lost lease. Any
     other exception stops the whole array (every run's last saved state stays).
 
-    checkpoints[i]: run i's store, as fastres.train's `checkpoint` (resume, per-epoch rows,
+    checkpoints[i]: run i's store, as fastres.run.train's `checkpoint` (resume, per-epoch rows,
     states on cfg.checkpoint_every's cadence, SIGINT/SIGTERM: save every run's state at the end
     of the epoch in flight, then raise Interrupted). on_epoch(i, metrics) after each epoch.
-    grouped: the array's compute path (fastres.arrays.ArrayResNet); Triton kernels are always
+    grouped: the array's compute path (fastres.run.arrays.ArrayResNet); Triton kernels are always
     grouped."""
     asked = [c.placement for c in cfgs]
     said: set[str] = set()
@@ -418,7 +418,7 @@ def step_ms_per_run(cfg: TrainConfig, runs: int, steps: int = 10,
         views = RunViews(model, names, graphed=bool(cfg.graphs))
         array = ArraySteps(model.train(), views, device, amp, graphs=bool(cfg.graphs))
         step = lambda: array.train(xs, ys)  # noqa: E731
-    for _ in range(fastres.steps.WARM_STEPS + 2):  # warm-ups, the capture, a replay
+    for _ in range(fastres.run.steps.WARM_STEPS + 2):  # warm-ups, the capture, a replay
         step()
     times = []
     for _ in range(steps):

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fastres.config import TrainConfig
-from fastres.models import build
-from fastres.plan import epoch_flop, fmt_time
-from fastres.protocol import CIFAR_SIZES, EPOCHS, PAPER_OPTIMIZERS
-from fastres.steps import AMP_DTYPES, make_optimizer
-from fastres.structures import STRUCTURES, ResNetSpec
+from fastres.grid.plan import epoch_flop, fmt_time
+from fastres.run.config import TrainConfig
+from fastres.run.steps import AMP_DTYPES, make_optimizer
+from fastres.study.models import build
+from fastres.study.protocol import CIFAR_SIZES, EPOCHS, PAPER_OPTIMIZERS
+from fastres.study.structures import STRUCTURES, ResNetSpec
 
 CPU_BATCH = 16  # on the CPU a step's time is close to linear in the batch: time a small one
 

@@ -1,0 +1,7 @@
+"""`python -m fastres.grid`."""
+
+import sys
+
+from fastres.grid.command import main
+
+sys.exit(main())

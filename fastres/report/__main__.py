@@ -1,0 +1,7 @@
+"""`python -m fastres.report`."""
+
+import sys
+
+from fastres.report.command import main
+
+sys.exit(main())
