@@ -8,12 +8,12 @@ For each structure and array size R, three ways to take one training step of R r
 its own random batch of --batch images, its own weights, and one of Table 2's five optimizers,
 cycling over the runs as the paper's grid mixes them, with their own rates and coupled weight
 decay):
-- one at a time: R solo models (fastres.study.models.build,
+- one at a time: R solo models (fastres.kernels.build,
   fastres.run.steps.make_optimizer), each doing
   forward, cross-entropy, backward and its optimizer's step, one after the other;
-- array, grouped: one fastres.run.arrays.ArrayResNet(grouped=True) (one grouped convolution per
-  layer, one BatchNorm over R*C channels, a batched head), forward on the (R, B, 3, 32, 32)
-  batch, array_loss, backward, RunViews.step (R stock optimizers over views);
+- array, grouped: one fastres.study.array_model.ArrayResNet(grouped=True) (one grouped
+  convolution per layer, one BatchNorm over R*C channels, a batched head), forward on the
+  (R, B, 3, 32, 32) batch, array_loss, backward, RunViews.step (R stock optimizers over views);
 - array, per-run: the same with grouped=False (every op per run on slices, the CPU default).
 
 As fastres.run.train computes: on CUDA bf16 autocast, channels-last model and bf16 channels-last
@@ -38,7 +38,7 @@ structure.
 Each structure's layer layout at C_in=4 (dataclasses.replace(STRUCTURES[s], C_in=4)), fp32,
 batch 2 of 32x32 images per run, optimizers cycling over Table 2's five, four ways to take one
 training step of R runs: one run eager / graphed (R solo fastres.run.steps.Steps, graphs=False /
-True, one after the other) and an array eager / graphed (one fastres.run.arrays.ArraySteps over
+True, one after the other) and an array eager / graphed (one fastres.run.array_steps.ArraySteps over
 ArrayResNet and RunViews, graphs=False / True; --array-path grouped, the GPU's default, or
 per-run). Graphed optimizers are make_optimizer(..., graphed=True). On the CPU graphed rows run
 through tests/graph_standin.py (installed() for the whole run). Each variant warms up
@@ -79,10 +79,11 @@ from _common import (  # noqa: E402  (also puts the checkout on sys.path)
     sync,
     write_outputs,
 )
+from fastres.kernels import build  # noqa: E402
 
-from fastres.run.arrays import ArrayResNet, ArraySteps, RunViews, array_loss  # noqa: E402
+from fastres.run.array_steps import ArraySteps, RunViews  # noqa: E402
 from fastres.run.steps import WARM_STEPS, Steps, make_optimizer  # noqa: E402
-from fastres.study.models import build  # noqa: E402
+from fastres.study.array_model import ArrayResNet, array_loss  # noqa: E402
 from fastres.study.protocol import PAPER_OPTIMIZERS, SMOKE_SPEC  # noqa: E402
 from fastres.study.structures import NUM_CLASSES, STRUCTURES, ResNetSpec  # noqa: E402
 
@@ -463,7 +464,7 @@ def host_main(args: argparse.Namespace) -> int:
            "stand-in for CUDA graphs)."), "",
         table, "",
         "one run eager / graphed: R solo fastres.run.steps.Steps (graphs=False / True) stepped one "
-        "after the other; array eager / graphed: one fastres.run.arrays.ArraySteps over "
+        "after the other; array eager / graphed: one fastres.run.array_steps.ArraySteps over "
         "ArrayResNet "
         "and RunViews (graphed=False / True). Each variant warms up "
         f"{args.host_warmup} steps (Steps warms {args.warm_steps} and captures on the next), "

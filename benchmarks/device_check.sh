@@ -393,7 +393,8 @@ if runs 5; then
   else
     kt_flags=(--structures "${KTABLE_STRUCTURES:-1,6,9}")
     [ "$KTESTS_OK" = 1 ] && kt_flags+=(--equivalence-passed --equivalence-summary "$KT_SUMMARY")
-    cp kernels/kernel_table.json "$KT"  # the committed table, this GPU's entry merged in
+    # The committed table (kernels/ sits in the tree as it installs), this GPU's entry merged in.
+    cp fastres/kernels/kernel_table.json "$KT"
   fi
   kt_t=$(( $(stage_left) - GRACE_S ))
   # --deadline: a structure that would start after it is skipped (and the row says so); the
@@ -402,7 +403,7 @@ if runs 5; then
     --deadline $(( kt_t > 40 ? kt_t - 30 : 10 )) --out "$KT"
   kt_rc=$?  # 2: it refused (no GPU, a bad table) and wrote nothing
   if [ "$SMOKE" != 1 ] && [ "$kt_rc" != 2 ] && [ -f "$KT" ]; then
-    cp "$KT" kernels/kernel_table.json  # stage 6 runs with what auto now picks here
+    cp "$KT" fastres/kernels/kernel_table.json  # stage 6 runs with what auto now picks here
   fi
   stage_end "$KT"
 fi

@@ -16,7 +16,7 @@ The ladder (each rung adds one thing to the one before):
      in contiguous NCHW, since oneDNN's channels-last convolution backward is wrong at some
      shapes on some CPUs)
   5  + torch.compile
-  6  + the Triton kernels (fastres.study.models.build(kernels="triton"))
+  6  + the Triton kernels (fastres.kernels.build(kernels="triton"))
   7  + CUDA graphs of the whole training step with the optimizer inside (fused SGD with the
      learning rate in a device tensor, so the cosine schedule still applies), and of evaluation
      (fastres.run.train with --graphs on --placement stream)
@@ -322,7 +322,7 @@ class Setup:
 
 
 def train_config(setup: Setup, rung: int, epochs: int):
-    from fastres.grid.plan import Cell, GridProtocol
+    from fastres.run.cell import Cell, GridProtocol
 
     cell = Cell(setup.spec, None, "sgd", tmax=PROTO["tmax"], seed=setup.seed)
     protocol = GridProtocol(epochs=epochs, train_subset=setup.train_subset,
@@ -342,14 +342,14 @@ def triton_status(spec) -> tuple[bool, str]:
     if not torch.cuda.is_available():
         return False, ("Triton kernels need a CUDA GPU (on the CPU they run only through the "
                        "interpreter, which measures nothing about speed)")
-    from fastres.study.models import build
+    from fastres.kernels import build
 
     try:
         build(spec, kernels="triton", device="cuda")
     except NotImplementedError as e:
-        return False, f"fastres.study.models.build(kernels='triton'): {e}"
+        return False, f"fastres.kernels.build(kernels='triton'): {e}"
     except Exception as e:
-        return False, (f"fastres.study.models.build(kernels='triton') failed: "
+        return False, (f"fastres.kernels.build(kernels='triton') failed: "
                        f"{type(e).__name__}: {e}")
     return True, ""
 

@@ -77,7 +77,7 @@ def run_fastres(setup: epoch_time.Setup, args, seed: int) -> list[dict]:
     """fastres.run.train.train() for one seed: its per-epoch metrics. The seeds share one workbench,
     as a grid worker's cells do: data read once, the model compiled once on a GPU; each run
     starts from its seed's fresh weights (tests/test_fidelity.py's warm case)."""
-    from fastres.grid.plan import Cell, GridProtocol
+    from fastres.run.cell import Cell, GridProtocol
     from fastres.run.train import train
     from fastres.run.workbench import for_device
 

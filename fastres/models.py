@@ -1,9 +1,8 @@
-"""The old home of fastres.study.models, kept so that `fastres.models.from_seed_checkpoint` and
-`fastres.models.build` work as documented. It is that module itself (not a copy of its names):
-patches and isinstance checks see one module."""
+"""The old home of the model, kept so that users' `fastres.models.from_seed_checkpoint`,
+`fastres.models.build` and `fastres.models.ResNet` go on working. The model now lives in
+fastres.study.models, the eager/Triton switch `build` in fastres.kernels.choice."""
 
-import sys
+from fastres.kernels import build
+from fastres.study.models import CheckpointError, ResNet, forward_flops, from_seed_checkpoint
 
-import fastres.study.models as _home
-
-sys.modules[__name__] = _home
+__all__ = ["CheckpointError", "ResNet", "build", "forward_flops", "from_seed_checkpoint"]

@@ -11,15 +11,25 @@ can feed their own. No autograd: the input is data.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
 from fastres.kernels._common import cast, check_device, define_op, empty, launch, next_pow2
-from fastres.loaders.augment import channel_constants
 
 from fastres.study.protocol import CIFAR_MEAN, CIFAR_STD, PAD
+
+
+@functools.lru_cache(maxsize=8)
+def _channel_constants(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    # Made once per device: a tensor made from host numbers per batch is a host-to-device copy
+    # (a sync on a GPU) before every step. Its own cache, not the loader's: kernels import no
+    # loader (the loader picks this kernel, fastres.loaders.augment.DeviceAugment).
+    return (torch.tensor(mean, dtype=torch.float32, device=device),
+            torch.tensor(std, dtype=torch.float32, device=device))
 
 
 @triton.jit
@@ -96,5 +106,5 @@ def augment(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torc
     name = {v: k for k, v in _DTYPES.items()}.get(dtype)
     if name is None:
         raise TypeError(f"augment writes {', '.join(_DTYPES)}, not {dtype}")
-    m, s = channel_constants(tuple(mean), tuple(std), images.device)
+    m, s = _channel_constants(tuple(mean), tuple(std), images.device)
     return _op(images, index, dy, dx, flip.to(torch.uint8), m, s, pad, normalize, name)

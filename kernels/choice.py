@@ -1,6 +1,6 @@
 """Which kernels a run computes with: the choices, what `--kernels auto` picks, and the error
-where Triton cannot run. No torch at import: the run configuration checks `--kernels` before the
-training stack loads.
+where Triton cannot run (fastres.kernels.build is the switch itself). No torch at import: the run
+configuration checks `--kernels` before the training stack loads.
 
 `auto` picks, per structure, what a committed GPU measurement found fastest. The measurements
 live in package data, `kernels/kernel_table.json`, written on a GPU by

@@ -17,7 +17,7 @@ from fastres.kernels.batchnorm import batch_norm_act
 from fastres.kernels.choice import KernelsUnavailable
 from fastres.kernels.conv import backward_format, conv2d
 
-from fastres.run.arrays import ArrayBatchNorm, ArrayConv, ArrayResNet
+from fastres.study.array_model import ArrayBatchNorm, ArrayConv, ArrayResNet
 from fastres.study.models import BasicBlock, ResNet, strictly
 from fastres.study.structures import ResNetSpec
 
@@ -132,7 +132,7 @@ def _array_conv_bn(x: torch.Tensor, conv: ArrayConv, bn: ArrayBatchNorm,
 
 
 class TritonArrayResNet(ArrayResNet):
-    """fastres.run.arrays.ArrayResNet whose grouped forward runs on fastres.kernels (always
+    """fastres.study.array_model.ArrayResNet whose grouped forward runs on fastres.kernels (always
     grouped: the Triton convolution's group axis is the run axis)."""
 
     def uses_grouped(self, device: torch.device) -> bool:

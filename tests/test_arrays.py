@@ -1,4 +1,5 @@
-"""Run arrays (fastres.run.arrays) against solo runs: each run of an array is its solo model."""
+"""Run arrays (fastres.study.array_model, fastres.run.array_steps) against solo runs: each run of
+an array is its solo model."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from fastres.kernels import build
 
-from fastres.run.arrays import ArrayResNet, RunViews, array_loss
+from fastres.run.array_steps import RunViews
 from fastres.run.steps import Schedule, make_optimizer
-from fastres.study.models import build, from_seed_checkpoint
+from fastres.study.array_model import ArrayResNet, array_loss
+from fastres.study.models import from_seed_checkpoint
 from fastres.study.protocol import SMOKE_SPEC, base_lr
 from fastres.study.structures import ResNetSpec
 

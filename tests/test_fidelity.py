@@ -56,6 +56,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from fastres.kernels import build
 from fastres.loaders.cifar import EpochPermutation
 
 from fastres.run.config import TrainConfig
@@ -63,7 +64,7 @@ from fastres.run.records import EpochMetrics
 from fastres.run.train import train
 from fastres.run.workbench import Workbench
 from fastres.study.data import fixed_subset, prepare, write_beton
-from fastres.study.models import build, from_seed_checkpoint
+from fastres.study.models import from_seed_checkpoint
 from fastres.study.protocol import CIFAR_MEAN, CIFAR_STD, PAD, PAPER_OPTIMIZERS
 from fastres.study.structures import STRUCTURES
 

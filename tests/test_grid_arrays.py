@@ -2,7 +2,7 @@
 array resumes (in arrays of another size) as if never stopped, and SIGTERM saves every run.
 
 On the CPU an array computes each run with the solo model's ops in the same order (the per-run
-path, fastres/run/arrays.py), so grouping changes no bit: these tests compare with ==, the
+path, fastres/study/array_model.py), so grouping changes no bit: these tests compare with ==, the
 strongest form of "equal within fp32 round-off". (The grouped path, with its own tolerance,
 is held to the solo runs in tests/test_train_array.py.)
 """

@@ -16,7 +16,7 @@ import pytest
 import torch
 from fastres.kernels.model import TritonArrayResNet
 
-from fastres.run.arrays import ArrayResNet, array_loss
+from fastres.study.array_model import ArrayResNet, array_loss
 from fastres.study.structures import ResNetSpec
 
 from .conftest import scaled_error, stable_seed

@@ -15,9 +15,9 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from fastres.kernels import build
 from fastres.kernels.model import TritonResNet
 
-from fastres.study.models import build
 from fastres.study.structures import STRUCTURES
 
 from .conftest import assert_scaled_close
@@ -180,7 +180,7 @@ def test_per_layer_aten_conv_matches_eager_and_is_explained():
 def test_triton_where_it_cannot_run_is_a_clear_error():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["CUDA_VISIBLE_DEVICES"] = ""
-    code = ("from fastres.study.models import build\n"
+    code = ("from fastres.kernels import build\n"
             "from fastres.study.structures import STRUCTURES\n"
             "try:\n    build(STRUCTURES[1], kernels='triton')\n"
             "except RuntimeError as e:\n    print('ERR', e)\n")
@@ -198,7 +198,7 @@ def test_triton_op_registration_runs_eagerly():
     code = """if True:
         import torch, dataclasses, torch.nn.functional as F
         import fastres.kernels._common as common
-        from fastres.study.models import build
+        from fastres.kernels import build
         from fastres.study.structures import STRUCTURES
         assert common.USE_TRITON_OP
         spec = dataclasses.replace(STRUCTURES[1], N=2, B=(1, 1), C_in=4)

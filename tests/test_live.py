@@ -11,7 +11,7 @@ from rich.console import Console
 
 from fastres.grid.command import Progress, main
 from fastres.grid.live import LiveBoard, render_text, use_live, worker_name
-from fastres.grid.plan import Cell
+from fastres.run.cell import Cell
 from fastres.run.records import EpochMetrics
 from fastres.study.structures import STRUCTURES
 

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from fastres.grid.command import main as grid_main
-from fastres.grid.plan import Cell, GridProtocol, register
+from fastres.grid.plan import register
 from fastres.report.command import main
+from fastres.run.cell import Cell, GridProtocol
 from fastres.run.records import EpochMetrics, RunResult, best_of
 from fastres.run.results import ResultsDB, new_owner
 from fastres.study.structures import STRUCTURES

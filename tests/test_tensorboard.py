@@ -12,9 +12,10 @@ from tensorboard.backend.event_processing.event_file_loader import LegacyEventFi
 from tensorboard.plugins.hparams import metadata
 
 from fastres.grid.command import main as grid_main
-from fastres.grid.plan import Cell, GridProtocol, register
+from fastres.grid.plan import register
 from fastres.report.command import main as report_main
 from fastres.report.tensorboard import INDEX, ExportBusy, TensorBoardExport, export
+from fastres.run.cell import Cell, GridProtocol
 from fastres.run.records import EpochMetrics, RunResult, best_of
 from fastres.run.results import ResultsDB, new_owner
 from fastres.study.structures import STRUCTURES

@@ -33,15 +33,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from fastres.run.checkpoints import from_bytes, to_bytes
 from fastres.run.config import TrainConfig, device_or_default
-from fastres.run.records import EpochMetrics, RunResult
-from fastres.run.results import (
-    LEASE_TTL,
-    RAY_WORKER_ENV,
-    LeaseLost,
-    ResultsDB,
-    RunCheckpointer,
-    new_owner,
-)
+from fastres.run.records import RAY_WORKER_ENV, EpochMetrics, RunResult
+from fastres.run.results import LEASE_TTL, LeaseLost, ResultsDB, RunCheckpointer, new_owner
 from fastres.study.data import BetonPair
 
 # Every task and actor of the grid runs with it: ResultsDB and save_checkpoint refuse there.

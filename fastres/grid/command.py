@@ -29,9 +29,7 @@ from typing import TYPE_CHECKING
 from fastres.grid.live import LiveBoard, local_worker, use_live
 from fastres.grid.plan import (
     PRESETS,
-    Cell,
     GridError,
-    GridProtocol,
     Plan,
     effective_subset,
     epoch_flop,
@@ -41,6 +39,7 @@ from fastres.grid.plan import (
     register,
 )
 from fastres.kernels.choice import KernelsUnavailable
+from fastres.run.cell import Cell, GridProtocol
 from fastres.run.config import (
     add_run_arguments,
     check_storable,

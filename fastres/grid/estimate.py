@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from fastres.grid.plan import epoch_flop, fmt_time
+from fastres.kernels import build
 from fastres.run.config import TrainConfig
 from fastres.run.steps import AMP_DTYPES, make_optimizer
-from fastres.study.models import build
 from fastres.study.protocol import CIFAR_SIZES, EPOCHS, PAPER_OPTIMIZERS
 from fastres.study.structures import STRUCTURES, ResNetSpec
 

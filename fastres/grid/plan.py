@@ -6,23 +6,20 @@ and the reports plan and key runs without the training stack (fastres.grid.comma
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from fastres.run.config import SEED_MAX, STORE_INT_MAX, TrainConfig, check_storable
+from fastres.run.cell import Cell, GridProtocol, run_id
+from fastres.run.config import SEED_MAX, STORE_INT_MAX, check_storable
 from fastres.study.protocol import (
     CIFAR_SIZES,
     EPOCHS,
     OPTIMIZER_SETTINGS,
     PAPER_OPTIMIZERS,
     SMOKE_SPEC,
-    TEST_BATCH,
     TMAX,
-    TRAIN_BATCH,
-    WEIGHT_DECAY,
 )
 from fastres.study.structures import STRUCTURES, ResNetSpec, SpecError, forward_flop
 
@@ -34,66 +31,6 @@ H200_BF16_FLOPS = 790e12  # measured dense bf16 rate quoted in protocol.md: the 
 
 class GridError(ValueError):
     """A grid that cannot be run as asked; the message names the flag."""
-
-
-@dataclass(frozen=True)
-class GridProtocol:
-    """What every cell shares and results must not be mixed across."""
-
-    epochs: int = EPOCHS
-    lr: float | None = None
-    weight_decay: float = WEIGHT_DECAY
-    batch_size: int = TRAIN_BATCH
-    test_batch_size: int = TEST_BATCH
-    train_subset: int | None = None
-    test_subset: int | None = None
-    data: str = ""  # identity of the prepared data (BetonPair.identity)
-    data_kind: str = ""
-
-    @property
-    def id(self) -> str:
-        return _digest(asdict(self))
-
-
-@dataclass(frozen=True)
-class Cell:
-    """What varies across the grid."""
-
-    spec: ResNetSpec
-    structure: int | None  # Table 1 number, None for a custom spec
-    optimizer: str
-    augment: bool = True
-    normalize: bool = True
-    tmax: int = TMAX
-    seed: int = 0
-
-    @property
-    def label(self) -> str:
-        name = f"s{self.structure}" if self.structure else f"[{self.spec}]"
-        return (f"{name} {self.optimizer} aug={'on' if self.augment else 'off'}"
-                f"{'' if self.normalize else ' norm=off'} tmax={self.tmax} seed={self.seed}")
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "spec": self.spec.to_dict()}
-
-    def config(self, protocol: GridProtocol, compute: dict) -> TrainConfig:
-        """This cell's run under `protocol`, computed as `compute` (TrainConfig keywords: device,
-        precision, kernels, ...) says: how every worker, the grid's up-front check and
-        `python -m fastres.train` build a run."""
-        p = protocol
-        return TrainConfig(spec=self.spec, structure=self.structure, optimizer=self.optimizer,
-                           augment=self.augment, normalize=self.normalize, epochs=p.epochs,
-                           tmax=self.tmax, lr=p.lr, weight_decay=p.weight_decay, seed=self.seed,
-                           batch_size=p.batch_size, test_batch_size=p.test_batch_size,
-                           train_subset=p.train_subset, test_subset=p.test_subset, **compute)
-
-
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def run_id(cell: Cell, protocol: GridProtocol) -> str:
-    return _digest({"cell": cell.to_dict(), "protocol": asdict(protocol)})
 
 
 def register(db: ResultsDB, cell: Cell, protocol: GridProtocol, data_source: str) -> str:

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastres.run.records import Checkpointer
+from fastres.run.records import Checkpointer, ResultsError, refuse_in_ray_worker
 
 # ---------------------------------------------------------------------------- files
 
@@ -55,9 +55,6 @@ def save_checkpoint(path: Path, state: dict | bytes) -> str:
     A failed write is an OSError (errno ENOSPC when the disk is full), never a half-written
     file: the temp file goes on any error, KeyboardInterrupt included, and an existing file at
     `path` stays as it was until the complete new one replaces it."""
-    # Imported here: fastres.run.results imports this module (the guard and error live there).
-    from fastres.run.results import refuse_in_ray_worker
-
     path = Path(path)
     refuse_in_ray_worker(path.parent)
     # Serialised in memory first: torch.save straight into a file turns the OSError of a full
@@ -90,8 +87,6 @@ def _sha256(path: Path) -> str:
 def load_checkpoint(path: Path, sha: str | None) -> dict:
     """The state in `path`, after checking it is the file the database recorded (ResultsError
     when missing, different or unreadable)."""
-    from fastres.run.results import ResultsError  # see save_checkpoint
-
     path = Path(path)
     if not path.is_file():
         raise ResultsError(f"checkpoint {path} is missing")

@@ -1,13 +1,33 @@
 """What a run produces, and where a resumable run keeps its state: plain records with no torch,
-so results stores, reports and live displays read them without the training stack or FFCV.
+so results stores, reports and live displays read them without the training stack or FFCV; and
+the results folder's error and its one rule for Ray workers, shared by the store
+(fastres.run.results) and the checkpoint files it points at (fastres.run.checkpoints).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
+
+# Set in the runtime_env of every Ray task and actor of the grid: SQLite's locking is unreliable
+# on network filesystems, so in Ray mode the results folder belongs to the driver alone.
+RAY_WORKER_ENV = "FASTRES_RAY_WORKER"
+
+
+class ResultsError(RuntimeError):
+    """A results folder that cannot be used as asked; the message says why."""
+
+
+def refuse_in_ray_worker(folder: Path) -> None:
+    """A Ray worker of the grid never touches the results folder (a bug if it tries)."""
+    if os.environ.get(RAY_WORKER_ENV):
+        raise ResultsError(f"a Ray worker may not open the results folder {folder}: in Ray mode "
+                           "only the driver writes results (epochs and checkpoints go through "
+                           "the driver's run store)")
 
 
 @dataclass

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from fastres.run.records import EpochMetrics, RunResult
+from fastres.run.records import EpochMetrics, ResultsError, RunResult, refuse_in_ray_worker
 
 SCHEMA_VERSION = 2
 # Schema 1 lacked best_sha (best.pt arrived with schema 2): opened for writing, it gains it.
@@ -31,9 +31,6 @@ MIGRATIONS = {"1": ["ALTER TABLE runs ADD COLUMN best_sha TEXT"]}
 DB_NAME = "results.sqlite"
 LEASE_TTL = 120.0  # seconds without a heartbeat before another process may take a run over
 DONE = ("completed", "diverged")
-# Set in the runtime_env of every Ray task and actor of the grid: SQLite's locking is unreliable
-# on network filesystems, so in Ray mode the results folder belongs to the driver alone.
-RAY_WORKER_ENV = "FASTRES_RAY_WORKER"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -76,10 +73,6 @@ CREATE TABLE IF NOT EXISTS epochs (
 """
 
 
-class ResultsError(RuntimeError):
-    """A results folder that cannot be used as asked; the message says why."""
-
-
 class DiskFull(ResultsError):
     """The results folder's filesystem is full: the grid stops rather than fail every cell."""
 
@@ -95,14 +88,6 @@ def _sqlite_full(e: BaseException) -> bool:
 def folder_full(folder: Path, reason: object) -> DiskFull:
     return DiskFull(f"results folder is full: cannot write to {folder} ({reason}); free some "
                     "space or choose another folder with --results DIR, then rerun to resume")
-
-
-def refuse_in_ray_worker(folder: Path) -> None:
-    """A Ray worker of the grid never touches the results folder (a bug if it tries)."""
-    if os.environ.get(RAY_WORKER_ENV):
-        raise ResultsError(f"a Ray worker may not open the results folder {folder}: in Ray mode "
-                           "only the driver writes results (epochs and checkpoints go through "
-                           "the driver's run store)")
 
 
 class LeaseLost(RuntimeError):

@@ -26,11 +26,11 @@ from pathlib import Path
 import torch
 
 import fastres
-from fastres.grid.plan import Cell, GridProtocol
 from fastres.kernels.choice import KernelsUnavailable
 from fastres.loaders.augment import DeviceAugment
 from fastres.loaders.cifar import CifarLoader
 from fastres.loaders.resident import ResidentLoader
+from fastres.run.cell import Cell, GridProtocol
 from fastres.run.checkpoints import BestWeights, StateSaver
 from fastres.run.config import (
     TrainConfig,
@@ -64,7 +64,7 @@ from fastres.study.structures import SpecError, resolve
 def environment(device: torch.device) -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(fastres.__file__).parent, timeout=5).stdout.strip()
+                                cwd=Path(__file__).parent, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()

@@ -1,4 +1,5 @@
-"""R runs of one structure trained together as one array (fastres.run.arrays), top to bottom.
+"""R runs of one structure trained together as one array (fastres.study.array_model,
+fastres.run.array_steps), top to bottom.
 
 Each run is the run fastres.run.train would make of its config: its own seed (weights, shuffle,
 crops), augmentation, optimizer, rate, T_max and weight decay, its own metrics, checkpoints and
@@ -7,8 +8,8 @@ the array. Runs may stand at different epochs (resumed from checkpoints written 
 other sizes, or alone): each counts its own. A run that finishes or diverges leaves the array
 at the end of that epoch; the rest go on in a smaller array.
 
-Each step is fastres.run.arrays.ArraySteps: on a GPU (cfg.graphs) the whole array step is replayed
-from one CUDA graph per batch size, every run's optimizer inside it.
+Each step is fastres.run.array_steps.ArraySteps: on a GPU (cfg.graphs) the whole array step is
+replayed from one CUDA graph per batch size, every run's optimizer inside it.
 
 A run's checkpoint is a solo run's (paper keys, its optimizer's solo state_dict), so it resumes
 alone or in an array of any size.
@@ -27,7 +28,8 @@ from dataclasses import dataclass, field
 import torch
 
 import fastres.run.steps
-from fastres.run.arrays import ArrayResNet, ArraySteps, RunViews, array_loss
+from fastres.kernels import build
+from fastres.run.array_steps import ArraySteps, RunViews
 from fastres.run.checkpoints import BestWeights, StateSaver
 from fastres.run.config import TrainConfig
 from fastres.run.records import Checkpointer, EpochMetrics, RunResult, best_of, finite
@@ -35,8 +37,8 @@ from fastres.run.signals import Interrupted, StopRequest
 from fastres.run.steps import AMP_DTYPES, Schedule
 from fastres.run.train import environment, make_loaders
 from fastres.run.workbench import Workbench
+from fastres.study.array_model import ArrayResNet, array_loss
 from fastres.study.data import BetonPair, prepare
-from fastres.study.models import build
 from fastres.study.protocol import PAPER_OPTIMIZERS
 
 # What every run of one array must share: they are computed by the same kernels, from batches
@@ -162,8 +164,8 @@ def train_array(cfgs: Sequence[TrainConfig], data: BetonPair | None = None,
     checkpoints[i]: run i's store, as fastres.run.train's `checkpoint` (resume, per-epoch rows,
     states on cfg.checkpoint_every's cadence, SIGINT/SIGTERM: save every run's state at the end
     of the epoch in flight, then raise Interrupted). on_epoch(i, metrics) after each epoch.
-    grouped: the array's compute path (fastres.run.arrays.ArrayResNet); Triton kernels are always
-    grouped."""
+    grouped: the array's compute path (fastres.study.array_model.ArrayResNet); Triton kernels are
+    always grouped."""
     asked = [c.placement for c in cfgs]
     said: set[str] = set()
 

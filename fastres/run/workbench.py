@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from fastres.kernels import build
 from fastres.loaders.resident import ResidentData, fits, resident_bytes
 from fastres.run.config import TrainConfig
 from fastres.run.steps import (
@@ -28,7 +29,6 @@ from fastres.run.steps import (
     make_optimizer,
     reset_optimizer_state,
 )
-from fastres.study.models import build
 
 
 def engine_key(cfg: TrainConfig) -> tuple:

@@ -13,7 +13,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastres.kernels.choice import KERNELS
 from fastres.study.structures import NUM_CLASSES, STRUCTURES, ResNetSpec, param_count
 
 
@@ -90,22 +89,6 @@ class ResNet(nn.Module):
         return self.linear(out)
 
 
-def build(spec: ResNetSpec, kernels: str = "eager",
-          device: torch.device | str | None = None) -> ResNet:
-    """The model for `spec`. kernels="eager" is the PyTorch reference path; "triton" runs the
-    same modules on fastres.kernels (fastres.kernels.choice.KernelsUnavailable, a RuntimeError,
-    where Triton cannot run on `device`, by default the best device there is)."""
-    if kernels not in KERNELS:
-        raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
-    if kernels == "triton":
-        # Same modules, so the same state_dict; raises where Triton cannot run (no silent
-        # fall-back to eager).
-        from fastres.kernels.model import build_triton
-
-        return build_triton(spec, device)
-    return ResNet(spec)
-
-
 def forward_flops(model: nn.Module, image_size: int = 32) -> int:
     """FLOP of one forward pass for one image: 2 per multiply-add of convs and linears."""
     total = 0
@@ -158,7 +141,7 @@ def from_seed_checkpoint(path: str | os.PathLike, spec: ResNetSpec) -> ResNet:
     """Load a state_dict saved by the paper's published script into a model built from `spec`."""
     raw = torch.load(path, map_location="cpu", weights_only=True)
     state = {k.removeprefix("module."): v for k, v in _unwrap_state_dict(raw).items()}
-    model = build(spec)
+    model = ResNet(spec)
     expected = model.state_dict()
     # BN's num_batches_tracked is absent from checkpoints of old torch versions: not an error.
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
