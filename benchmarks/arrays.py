@@ -79,8 +79,8 @@ from _common import (  # noqa: E402  (also puts the checkout on sys.path)
     sync,
     write_outputs,
 )
-from fastres.kernels import build  # noqa: E402
 
+from fastres.kernels import build  # noqa: E402
 from fastres.run.array_steps import ArraySteps, RunViews  # noqa: E402
 from fastres.run.steps import WARM_STEPS, Steps, make_optimizer  # noqa: E402
 from fastres.study.array_model import ArrayResNet, array_loss  # noqa: E402

@@ -33,8 +33,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, markdown_table, write_outputs  # noqa: E402
-from fastres.kernels import build  # noqa: E402
 
+from fastres.kernels import build  # noqa: E402
 from fastres.run.checkpoints import BestWeights, StateSaver, save_checkpoint, to_bytes  # noqa: E402
 from fastres.run.steps import make_optimizer, make_scheduler  # noqa: E402
 from fastres.study.protocol import SMOKE_SPEC  # noqa: E402

@@ -46,13 +46,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402  (also puts the checkout on sys.path)
+
 from fastres.kernels.choice import (  # noqa: E402
     TABLE_PATH,
     KernelTableError,
     check_table,
     load_table,
 )
-
 from fastres.run.config import TrainConfig  # noqa: E402
 from fastres.run.steps import AMP_DTYPES  # noqa: E402
 from fastres.run.workbench import Workbench  # noqa: E402

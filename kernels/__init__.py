@@ -19,7 +19,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from fastres.kernels.choice import KERNELS
-
 from fastres.study.structures import ResNetSpec
 
 if TYPE_CHECKING:

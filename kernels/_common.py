@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 import triton
 import triton.language as tl
+
 from fastres.kernels.choice import KernelsUnavailable
 
 # triton.jit reads TRITON_INTERPRET when a kernel is decorated, so this is fixed at import.

@@ -17,8 +17,8 @@ from collections.abc import Sequence
 import torch
 import triton
 import triton.language as tl
-from fastres.kernels._common import cast, check_device, define_op, empty, launch, next_pow2
 
+from fastres.kernels._common import cast, check_device, define_op, empty, launch, next_pow2
 from fastres.study.protocol import CIFAR_MEAN, CIFAR_STD, PAD
 
 

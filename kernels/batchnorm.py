@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
 from fastres.kernels._common import (
     cast,
     check_device,

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from fastres.kernels._common import (
     INTERPRET,
     cast,
@@ -37,7 +38,6 @@ from fastres.kernels._common import (
     nhwc,
 )
 from fastres.kernels.batchnorm import Partials
-
 from fastres.study.models import strictly
 
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
 from fastres.kernels._common import triton_available, unavailable_reason
 from fastres.kernels.batchnorm import batch_norm_act
 from fastres.kernels.choice import KernelsUnavailable
 from fastres.kernels.conv import backward_format, conv2d
-
 from fastres.study.array_model import ArrayBatchNorm, ArrayConv, ArrayResNet
 from fastres.study.models import BasicBlock, ResNet, strictly
 from fastres.study.structures import ResNetSpec

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
 from fastres.loaders.augment import DeviceAugment
 from fastres.loaders.cifar import beton_loader
 from fastres.loaders.order import permutation

@@ -8,8 +8,8 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from fastres.kernels import build
 
+from fastres.kernels import build
 from fastres.run.array_steps import RunViews
 from fastres.run.steps import Schedule, make_optimizer
 from fastres.study.array_model import ArrayResNet, array_loss

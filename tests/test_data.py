@@ -6,10 +6,10 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-from fastres.loaders.augment import DeviceAugment
-from fastres.loaders.cifar import CifarLoader
 from PIL import Image
 
+from fastres.loaders.augment import DeviceAugment
+from fastres.loaders.cifar import CifarLoader
 from fastres.study import data as fdata
 from fastres.study.data import DataError, DataUnavailable, prepare, write_beton
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fastres.kernels.choice import load_table
 
+from fastres.kernels.choice import load_table
 from fastres.study.data import write_beton
 
 from .conftest import random_images, stable_seed

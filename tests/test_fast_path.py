@@ -196,6 +196,7 @@ def test_sigterm_saves_the_state_releases_the_lease_and_leaves_best(grid_data,  
 
 def accuracy_of(model, data: str) -> float:
     import torch
+
     from fastres.loaders.augment import DeviceAugment
     from fastres.loaders.cifar import CifarLoader
 

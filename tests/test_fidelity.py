@@ -51,14 +51,14 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import fastres.loaders.augment as augment_module
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
+import fastres.loaders.augment as augment_module
 from fastres.kernels import build
 from fastres.loaders.cifar import EpochPermutation
-
 from fastres.run.config import TrainConfig
 from fastres.run.records import EpochMetrics
 from fastres.run.train import train

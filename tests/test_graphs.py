@@ -23,9 +23,9 @@ import dataclasses
 
 import pytest
 import torch
-from fastres.kernels import build
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from fastres.kernels import build
 from fastres.run.steps import Schedule, Steps, make_optimizer
 from fastres.study.protocol import OPTIMIZER_SETTINGS, PAPER_OPTIMIZERS
 from fastres.study.structures import ResNetSpec

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from fastres.kernels import choice as kernel_choice
 from fastres.kernels.choice import (
     CPU_WHY,
@@ -23,7 +24,6 @@ from fastres.kernels.choice import (
     choose,
     load_table,
 )
-
 from fastres.study.protocol import SMOKE_SPEC
 from fastres.study.structures import STRUCTURES, ResNetSpec
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fastres.kernels.model import TritonArrayResNet
 
+from fastres.kernels.model import TritonArrayResNet
 from fastres.study.array_model import ArrayResNet, array_loss
 from fastres.study.structures import ResNetSpec
 

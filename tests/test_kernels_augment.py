@@ -7,6 +7,7 @@ ulp); bf16 one bf16 ulp (rtol 2**-7), since a 1-ulp fp32 difference can round ei
 import pytest
 import torch
 import torch.nn.functional as F
+
 from fastres.kernels._common import poison_outputs
 from fastres.kernels.augment import augment
 from fastres.loaders.augment import (

@@ -16,6 +16,7 @@ whole dy; the bf16 inputs are therefore made so no pre-activation lies within 0.
 import pytest
 import torch
 import torch.nn.functional as F
+
 from fastres.kernels import batchnorm
 from fastres.kernels._common import poison_outputs
 

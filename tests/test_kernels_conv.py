@@ -30,6 +30,7 @@ gradients are O(1) (weights scaled by 1/sqrt(fan-in)). Bounds, from the arithmet
 import pytest
 import torch
 import torch.nn.functional as F
+
 from fastres.kernels import batchnorm, conv
 
 from .conftest import assert_scaled_close, stable_seed

@@ -35,6 +35,7 @@ the ungrouped op bit for bit.
 import pytest
 import torch
 import torch.nn.functional as F
+
 from fastres.kernels import _common, conv
 
 from .conftest import assert_scaled_close, stable_seed

@@ -15,9 +15,9 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+
 from fastres.kernels import build
 from fastres.kernels.model import TritonResNet
-
 from fastres.study.structures import STRUCTURES
 
 from .conftest import assert_scaled_close

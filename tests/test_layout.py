@@ -193,10 +193,9 @@ def test_aliases_are_the_modules_themselves():
         if old == "fastres.models":
             continue
         assert importlib.import_module(old) is importlib.import_module(new), old
-    from fastres.kernels import build
-
     import fastres.models
     import fastres.study.models
+    from fastres.kernels import build
     assert fastres.models.from_seed_checkpoint is fastres.study.models.from_seed_checkpoint
     assert fastres.models.ResNet is fastres.study.models.ResNet
     assert fastres.models.build is build

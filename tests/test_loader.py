@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
 from fastres.loaders.augment import (
     CIFAR_MEAN,
     CIFAR_STD,

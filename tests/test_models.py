@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from fastres.kernels import build
 
+from fastres.kernels import build
 from fastres.study.models import CheckpointError, forward_flops, from_seed_checkpoint
 from fastres.study.structures import STRUCTURES, ResNetSpec, forward_flop, param_count
 

@@ -39,10 +39,10 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from fastres.kernels import build
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
+from fastres.kernels import build
 from fastres.study.structures import ResNetSpec, SpecError, feature_map_sizes
 
 from .conftest import scaled_error, stable_seed

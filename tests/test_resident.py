@@ -4,11 +4,11 @@ placement is a speed choice only. CPU, torch augmentation backend, small random 
 import numpy as np
 import pytest
 import torch
+
 from fastres.loaders.augment import DeviceAugment
 from fastres.loaders.cifar import CifarLoader
 from fastres.loaders.order import permutation
 from fastres.loaders.resident import ResidentData, ResidentLoader, fits, resident_bytes
-
 from fastres.study.data import write_beton
 
 from .conftest import random_images
