@@ -1,6 +1,7 @@
-"""Planning a grid: its cells, what they share, their run ids, the presets and the flags that
-select them, and the cost of an epoch. No torch or FFCV: `python -m fastres.grid --dry-run`
-and the reports plan and key runs without the training stack (fastres.grid.command runs the plan).
+"""Planning a grid: its cells (fastres.run.cell's Cell, one per run), registering them in the
+store, the presets and the flags that select them, and the cost of an epoch. No torch or FFCV:
+`python -m fastres.grid --dry-run` plans without the training stack (fastres.grid.command runs
+the plan).
 """
 
 from __future__ import annotations
