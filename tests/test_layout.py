@@ -134,8 +134,8 @@ def test_the_graph_sees_the_modules_and_their_lazy_imports():
     assert "fastres.loaders.augment" in graph["fastres.loaders.cifar"]
     assert "fastres.run.config" in graph["fastres.grid.plan"]
     # Inside a function: counted by default, not at module level.
-    assert "fastres.run.train" in graph["fastres.grid.command"]
-    assert "fastres.run.train" not in import_graph(module_level_only=True)["fastres.grid.command"]
+    assert "fastres.run.train" in graph["fastres.grid.runner"]
+    assert "fastres.run.train" not in import_graph(module_level_only=True)["fastres.grid.runner"]
     # Under TYPE_CHECKING: never counted (it never runs).
     assert "fastres.run.results" not in graph["fastres.grid.plan"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]

@@ -9,8 +9,9 @@ import sys
 import pytest
 from rich.console import Console
 
-from fastres.grid.command import Progress, main
+from fastres.grid.command import main
 from fastres.grid.live import LiveBoard, render_text, use_live, worker_name
+from fastres.grid.runner import Progress
 from fastres.run.cell import Cell
 from fastres.run.records import EpochMetrics
 from fastres.study.structures import STRUCTURES

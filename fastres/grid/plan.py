@@ -1,6 +1,6 @@
 """Planning a grid: its cells (fastres.run.cell's Cell, one per run), registering them in the
 store, the presets and the flags that select them, and the cost of an epoch. No torch or FFCV:
-`python -m fastres.grid --dry-run` plans without the training stack (fastres.grid.command runs
+`python -m fastres.grid --dry-run` plans without the training stack (fastres.grid.runner runs
 the plan).
 """
 
