@@ -158,6 +158,20 @@ def bn_term_scales(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> 
     return scales
 
 
+def as_accurate_step(mine: tuple, ref: tuple, exact: tuple, exact_start: torch.nn.Module,
+                     x: torch.Tensor, y: torch.Tensor) -> None:
+    """One step's (logits, loss, grads) by as_accurate; gradients scaled by at least 1e-3 of the
+    largest and, for BatchNorm's, by the terms they sum (bn_term_scales of the float64 model
+    before its step, on the same batch)."""
+    (lm, loss_m, gm), (lr, loss_r, gr), (lx, loss_x, gx) = mine, ref, exact
+    as_accurate("logits", lm, lr, lx)
+    as_accurate("loss", loss_m, loss_r, loss_x)
+    floor = 1e-3 * max(g.abs().max().item() for g in gx.values())
+    terms = bn_term_scales(exact_start, x.double(), y)
+    for name in gx:
+        as_accurate(f"grad {name}", gm[name], gr[name], gx[name], max(floor, terms.get(name, 0.0)))
+
+
 def check_equivalent(case: Case) -> None:
     torch.manual_seed(stable_seed("weights", str(case)))
     eager = build(case.spec).to(DEV)
@@ -169,12 +183,7 @@ def check_equivalent(case: Case) -> None:
     x, y = inputs(case)
     results = [step(m, x, y) for m in (eager, triton)] + [step(exact, x.double(), y)]
     (le, lossE, ge), (lt, lossT, gt), (lx, lossX, gx) = results
-    as_accurate("logits", lt, le, lx)
-    as_accurate("loss", lossT, lossE, lossX)
-    floor = 1e-3 * max(g.abs().max().item() for g in gx.values())
-    terms = bn_term_scales(exact_start, x.double(), y)
-    for name in gx:
-        as_accurate(f"grad {name}", gt[name], ge[name], gx[name], max(floor, terms.get(name, 0.0)))
+    as_accurate_step((lt, lossT, gt), (le, lossE, ge), (lx, lossX, gx), exact_start, x, y)
     se, sx = eager.state_dict(), exact.state_dict()
     for name, v in triton.state_dict().items():
         if name.endswith(("running_mean", "running_var")):
@@ -230,12 +239,7 @@ def check_memory_formats(case: Case) -> None:
     (lp, lossP, gp), (lc, lossC, gc), (lx, lossX, gx) = (
         step(plain, x, y), step(cl, x.contiguous(memory_format=torch.channels_last), y),
         step(exact, x.double(), y))
-    as_accurate("logits", lc, lp, lx)
-    as_accurate("loss", lossC, lossP, lossX)
-    floor = 1e-3 * max(g.abs().max().item() for g in gx.values())
-    terms = bn_term_scales(exact_start, x.double(), y)
-    for name in gx:
-        as_accurate(f"grad {name}", gc[name], gp[name], gx[name], max(floor, terms.get(name, 0.0)))
+    as_accurate_step((lc, lossC, gc), (lp, lossP, gp), (lx, lossX, gx), exact_start, x, y)
 
 
 @pytest.mark.skipif(DEV.type != "cpu", reason="the CPU's oneDNN is the path under test")
