@@ -132,8 +132,8 @@ def as_accurate(name: str, mine: torch.Tensor, eager: torch.Tensor, exact: torch
 def bn_term_scales(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
     """For each BatchNorm's weight and bias, the largest over its channels of the sum of the
     sizes of the terms its gradient adds up (|dy * xhat| and |dy| over batch and pixels), from one
-    training step of `model` (the float64 copy) on x, y. Leaves the model's gradients as they
-    were (None)."""
+    training step of a copy of `model` (the float64 one) on x, y: the model itself, its
+    gradients and running statistics are left as they were."""
     scales: dict[str, float] = {}
 
     def watch(name: str):
@@ -158,8 +158,7 @@ def bn_term_scales(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> 
     return scales
 
 
-def as_accurate_step(mine: tuple, ref: tuple, exact: tuple, exact_start: torch.nn.Module,
-                     x: torch.Tensor, y: torch.Tensor) -> None:
+def as_accurate_step(mine: tuple, ref: tuple, exact: tuple, terms: dict[str, float]) -> None:
     """One step's (logits, loss, grads) by as_accurate; gradients scaled by at least 1e-3 of the
     largest and, for BatchNorm's, by the terms they sum (bn_term_scales of the float64 model
     before its step, on the same batch)."""
@@ -167,7 +166,6 @@ def as_accurate_step(mine: tuple, ref: tuple, exact: tuple, exact_start: torch.n
     as_accurate("logits", lm, lr, lx)
     as_accurate("loss", loss_m, loss_r, loss_x)
     floor = 1e-3 * max(g.abs().max().item() for g in gx.values())
-    terms = bn_term_scales(exact_start, x.double(), y)
     for name in gx:
         as_accurate(f"grad {name}", gm[name], gr[name], gx[name], max(floor, terms.get(name, 0.0)))
 
@@ -179,11 +177,11 @@ def check_equivalent(case: Case) -> None:
     triton.load_state_dict(eager.state_dict())
     exact = build(case.spec).to(DEV).double()
     exact.load_state_dict(eager.state_dict())
-    exact_start = copy.deepcopy(exact)  # before the step: its BatchNorm terms, the same batch
     x, y = inputs(case)
+    terms = bn_term_scales(exact, x.double(), y)  # before the step, on the same batch
     results = [step(m, x, y) for m in (eager, triton)] + [step(exact, x.double(), y)]
     (le, lossE, ge), (lt, lossT, gt), (lx, lossX, gx) = results
-    as_accurate_step((lt, lossT, gt), (le, lossE, ge), (lx, lossX, gx), exact_start, x, y)
+    as_accurate_step((lt, lossT, gt), (le, lossE, ge), (lx, lossX, gx), terms)
     se, sx = eager.state_dict(), exact.state_dict()
     for name, v in triton.state_dict().items():
         if name.endswith(("running_mean", "running_var")):
@@ -234,12 +232,12 @@ def check_memory_formats(case: Case) -> None:
     cl = cl.to(memory_format=torch.channels_last)
     exact = build(case.spec).to(DEV).double()
     exact.load_state_dict(plain.state_dict())
-    exact_start = copy.deepcopy(exact)
     x, y = inputs(case)
+    terms = bn_term_scales(exact, x.double(), y)
     (lp, lossP, gp), (lc, lossC, gc), (lx, lossX, gx) = (
         step(plain, x, y), step(cl, x.contiguous(memory_format=torch.channels_last), y),
         step(exact, x.double(), y))
-    as_accurate_step((lc, lossC, gc), (lp, lossP, gp), (lx, lossX, gx), exact_start, x, y)
+    as_accurate_step((lc, lossC, gc), (lp, lossP, gp), (lx, lossX, gx), terms)
 
 
 @pytest.mark.skipif(DEV.type != "cpu", reason="the CPU's oneDNN is the path under test")
